@@ -1,0 +1,50 @@
+# One command surface for README, CI and developers.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-learner bench-async bench-staleness clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch (a range that admits newer releases would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## the whole test suite (unit, integration on a private redis-server, e2e)
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check common producer learner gspo ops tests bench
+
+## the main job on the embedded default: Redis, learner and a producer on this machine
+demo: $(STAMP)
+	$(BIN)/gspo up --run-dir runs/demo --minutes 10
+
+bench-transport: $(STAMP)
+	$(BIN)/python -m bench.transport
+
+bench-producer: $(STAMP)
+	$(BIN)/python -m bench.producer_overhead
+
+bench-learner: $(STAMP)
+	$(BIN)/python -m bench.learner_overhead
+
+bench-async: $(STAMP)
+	$(BIN)/python -m bench.async_vs_sync
+
+bench-staleness: $(STAMP)
+	$(BIN)/python -m bench.staleness_ablation
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

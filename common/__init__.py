@@ -1,0 +1,1 @@
+"""Shared, torch-free pieces: config, Redis names, wire format, stream I/O, tasks and rewards."""

@@ -1,0 +1,262 @@
+"""Typed configuration: defaults < TOML file (``--config``) < environment (``GSPO_...``) < CLI flags.
+
+Every field is documented and bounded; unknown keys are refused (``extra="forbid"``). A bad key or
+value becomes one :class:`ConfigError` line that names the field, the value and where it came from.
+
+Environment variables: ``GSPO_<SECTION>__<FIELD>`` (e.g. ``GSPO_LEARNER__LR=1e-4``) or, for brevity,
+``GSPO_<SECTION>_<FIELD>`` when unambiguous (``GSPO_REDIS_URL``); root fields are ``GSPO_RUN``,
+``GSPO_RUN_DIR``. Values are parsed as JSON when they parse, else taken as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.keys import validate_run_name
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RedisSettings(_Section):
+    url: str = Field("", description="redis:// or rediss:// URL (user:password@ allowed); empty = embedded server in the run dir")
+    ca_file: str | None = Field(None, description="CA bundle for rediss:// (TLS)")
+    cert_file: str | None = Field(None, description="client certificate for mutual TLS")
+    key_file: str | None = Field(None, description="client key for mutual TLS")
+    retry_for_s: float = Field(120.0, ge=0, le=86_400, description="keep retrying a lost connection this long before failing")
+    socket_timeout_s: float = Field(30.0, gt=1, le=600, description="socket timeout; blocking reads use less than this")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class SamplingSettings(_Section):
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs include it)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off (recommended for RL: log-probs stay exact)")
+    top_k: int = Field(-1, ge=-1, description="top-k sampling; -1 = off")
+    max_new_tokens: int = Field(16, ge=1, le=131_072, description="completion length cap")
+
+
+class PipelineSettings(_Section):
+    group_size: int = Field(8, ge=2, le=1024, description="G: completions per prompt")
+    batch_groups: int = Field(32, ge=1, le=100_000, description="B: groups per learner step")
+    max_staleness: int = Field(1, ge=0, le=1000, description="K: max policy versions between generation and training (0 = synchronous)")
+    prefill_min_groups: int = Field(8, ge=1, description="groups producers may make before any learner version exists")
+    rollouts_maxlen: int = Field(200_000, ge=1000, description="approximate cap of the rollouts stream (safety net; admission control bounds it first)")
+    prompts_maxlen: int = Field(200_000, ge=1000, description="approximate cap of the prompts stream")
+    dead_maxlen: int = Field(10_000, ge=100, description="approximate cap of the dead-letter stream")
+
+    @model_validator(mode="after")
+    def _maxlen_covers_backlog(self) -> PipelineSettings:
+        need = (self.max_staleness + 2) * self.batch_groups
+        if self.rollouts_maxlen < 4 * need:
+            raise ValueError(
+                f"pipeline.rollouts_maxlen={self.rollouts_maxlen} must be >= 4*(max_staleness+2)*batch_groups={4 * need}"
+            )
+        return self
+
+
+class ProducerSettings(_Section):
+    engine: Literal["transformers", "sglang"] = Field("transformers", description="inference engine")
+    model: str = Field("", description="HF model directory the engine starts from (default: the run's base model)")
+    sglang_url: str = Field("http://127.0.0.1:30000", description="SGLang server base URL (engine=sglang)")
+    sglang_timeout_s: float = Field(600.0, gt=0, description="HTTP timeout of one /generate call")
+    router_url: str | None = Field(None, description="sglang-router URL to register the SGLang server with")
+    reload_mode: Literal["finish", "abort"] = Field(
+        "finish", description="on new weights: let in-flight requests finish on old weights (versions recorded) or abort and resubmit"
+    )
+    producer_id: str = Field("", description="unique id; empty = hostname-pid")
+    prompts_per_call: int = Field(4, ge=1, le=4096, description="prompts batched into one engine call")
+    device: str = Field("cpu", description="torch device of the transformers engine")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers engine dtype")
+    seed: int = Field(0, ge=0, description="sampling seed (mixed with producer id)")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
+    heartbeat_ttl_s: float = Field(15.0, gt=1, le=3600, description="heartbeat key TTL")
+    claim_idle_ms: int = Field(60_000, ge=100, description="reclaim prompts pending longer than this from dead producers")
+    max_groups: int = Field(0, ge=0, description="stop after this many groups (0 = run until stopped)")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+
+
+class LossSettings(_Section):
+    variant: Literal["gspo", "gspo_token", "grpo"] = Field("gspo", description="objective (docs/objective.md)")
+    clip_low: float = Field(3e-4, gt=0, lt=1, description="ε_low of the sequence-ratio band (GSPO paper: 3e-4; GRPO: 0.2)")
+    clip_high: float = Field(4e-4, gt=0, le=10, description="ε_high (GSPO paper: 4e-4; GRPO: 0.27)")
+    clip_stale_scale: float = Field(0.0, ge=0, le=100, description="band widens by (1 + scale·k) for staleness k")
+    is_mode: Literal["truncate", "mask", "none"] = Field("truncate", description="behaviour correction of stale data")
+    is_cap: float = Field(2.0, ge=1, description="C(0): cap of the behaviour importance weight")
+    is_cap_decay: float = Field(1.0, gt=0, le=1, description="C(k) = is_cap · is_cap_decay^k")
+    proximal: Literal["recompute", "behaviour"] = Field(
+        "recompute", description="anchor of the ratio: the learner's recomputed policy, or the engine's log-probs (ablation)"
+    )
+
+
+class LearnerSettings(_Section):
+    model: str = Field("", description="HF model directory to start from (ignored on resume)")
+    lr: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up")
+    grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
+    n_minibatches: int = Field(1, ge=1, le=64, description="optimizer steps per batch (the paper uses 4)")
+    micro_batch_tokens: int = Field(4096, ge=64, description="packed tokens per forward/backward chunk")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the initial model (0 = off)")
+    max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run until stopped)")
+    publish_every: int = Field(1, ge=1, description="publish a checkpoint every N steps")
+    keep_checkpoints: int = Field(3, ge=1, description="published checkpoints kept on disk")
+    checkpoint_dir: str = Field("", description="checkpoint root (default: RUN_DIR/checkpoints)")
+    wait_log_s: float = Field(30.0, gt=0, description="say that the learner is waiting for rollouts every N seconds")
+    seed: int = Field(0, ge=0, description="torch seed")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
+    dataset: str = Field("addition", description="prompt source the learner keeps queued: a task name or a JSONL path; '' = none")
+    prompts_ahead: int = Field(4, ge=1, description="keep this many batches' worth of prompts queued")
+    tensorboard: bool = Field(False, description="also write TensorBoard events")
+
+
+class Settings(_Section):
+    run: str = Field("default", description="run id: namespaces every Redis key (gspo:{run}:...)")
+    run_dir: str = Field("runs/default", description="directory for metrics, checkpoints, logs, embedded Redis")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, v: str) -> str:
+        return validate_run_name(v)
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as JSON-able data with credentials removed (safe to log and save)."""
+        from common.redis_conn import redact_url
+
+        d = self.model_dump(mode="json")
+        d["redis"]["url"] = redact_url(d["redis"]["url"])
+        return d
+
+
+SECTIONS = ("redis", "pipeline", "producer", "learner", "loss")
+
+
+# --------------------------------------------------------------------------- loading
+def _set_path(tree: dict, path: tuple[str, ...], value: Any, origin: str, origins: dict) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(path)} ({origin}): {part} is not a section")
+    node[path[-1]] = value
+    origins[path] = origin
+
+
+def _flatten(d: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, prefix + (k,))
+        else:
+            out.append((prefix + (k,), v))
+    return out
+
+
+def _env_path(name: str) -> tuple[str, ...]:
+    rest = name[len("GSPO_") :].lower()
+    if "__" in rest:
+        return tuple(rest.split("__"))
+    if rest in Settings.model_fields:
+        return (rest,)
+    for section in SECTIONS:
+        if rest.startswith(section + "_"):
+            return (section, rest[len(section) + 1 :])
+    return (rest,)
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _format_error(err: ValidationError, origins: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        where = next((origins[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origins), "default")
+        name = ".".join(loc) or "config"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"{name}: {msg}{got} [from {where}]")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Resolve the configuration; ``overrides`` maps dotted names (``"learner.lr"``) to flag values."""
+    tree: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for p, v in _flatten(data):
+            _set_path(tree, p, v, f"{path}", origins)
+    environ = os.environ if env is None else env
+    for name in sorted(environ):
+        if name.startswith("GSPO_") and name not in _ENV_IGNORED:
+            _set_path(tree, _env_path(name), _env_value(environ[name]), f"env {name}", origins)
+    for dotted, v in (overrides or {}).items():
+        if v is not None:
+            _set_path(tree, tuple(dotted.split(".")), v, f"flag --{dotted.split('.')[-1].replace('_', '-')}", origins)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, origins)) from None
+
+
+# variables read by the CLI itself, not config fields
+_ENV_IGNORED = {"GSPO_CONFIG"}
+
+
+def save_settings(settings: Settings, path: Path) -> None:
+    """Write the resolved config (credentials redacted) as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings.redacted(), indent=2, sort_keys=True) + "\n")
+
+
+def describe_fields(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) of every field, for ``gspo config show --doc`` and the README."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+        else:
+            default = f.default if f.default_factory is None else f.default_factory()
+            rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+    return rows

@@ -1,0 +1,1 @@
+"""The ``gspo`` command line: one entry point for every service of the pipeline."""

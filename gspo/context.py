@@ -1,0 +1,57 @@
+"""What every command does first: resolve config, set up logging, find (or start) Redis.
+
+Kept free of torch so that ``--help`` and the light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from common.config import ConfigError, Settings, load_settings
+from common.logs import setup_logging
+from common.redis_conn import RedisUnavailable, check_reachable, ensure_embedded, redact_url
+
+log = logging.getLogger(__name__)
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="GSPO_CONFIG", help="TOML config file")
+RunOpt = typer.Option(None, "--run", help="run id (namespaces Redis keys) [default: default]")
+RunDirOpt = typer.Option(None, "--run-dir", help="run directory [default: runs/default]")
+RedisUrlOpt = typer.Option(
+    None, "--redis-url", help="redis:// or rediss:// URL; omitted = embedded Redis in the run dir (env GSPO_REDIS_URL)"
+)
+LogLevelOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def fail(msg: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def settings_from(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+def prepare(
+    config: Path | None, overrides: dict[str, Any], *, service: str, need_redis: bool = True, log_to_run_dir: bool = True
+) -> Settings:
+    """Resolve settings, configure logging, and make sure ``settings.redis.url`` points at a live server."""
+    settings = settings_from(config, overrides)
+    log_file = Path(settings.run_dir) / "logs" / f"{service}.log" if log_to_run_dir else None
+    setup_logging(settings.log_level, log_file, name=service)
+    if need_redis:
+        try:
+            if not settings.redis.url:
+                settings.redis.url = ensure_embedded(settings.run_dir)
+                log.info("using the run's embedded Redis at %s", settings.redis.url)
+            check_reachable(settings.redis)
+        except RedisUnavailable as e:
+            raise fail(str(e)) from None
+        log.debug("redis: %s", redact_url(settings.redis.url))
+    return settings

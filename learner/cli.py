@@ -1,0 +1,42 @@
+"""``gspo learner``: options only; the service (torch) is imported after parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt, prepare
+
+
+def learner(
+    redis_url: str = RedisUrlOpt,
+    run: str = RunOpt,
+    model: str = typer.Option(None, "--model", help="HF model dir to start from (ignored when resuming)"),
+    run_dir: Path = RunDirOpt,
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="resume from the newest STABLE checkpoint [default: auto]"),
+    max_steps: int = typer.Option(None, "--max-steps", help="stop after this many steps"),
+    lr: float = typer.Option(None, "--lr"),
+    batch_groups: int = typer.Option(None, "--batch-groups", "-B", help="groups per step"),
+    max_staleness: int = typer.Option(None, "--max-staleness", "-K", help="drop groups staler than this"),
+    publish_every: int = typer.Option(None, "--publish-every", help="publish a checkpoint every N steps"),
+    variant: str = typer.Option(None, "--variant", help="gspo | gspo_token | grpo"),
+    proximal: str = typer.Option(None, "--proximal", help="recompute | behaviour (ablation: ratio on engine log-probs)"),
+    dataset: str = typer.Option(None, "--dataset", help="prompts to keep queued: 'addition', a JSONL path, or '' (none)"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus port (0 = off)"),
+    config: Path = ConfigOpt,
+    log_level: str = LogLevelOpt,
+) -> None:
+    """Run the learner: pull rollout groups, take GSPO steps, publish checkpoints."""
+    overrides = {
+        "redis.url": redis_url, "run": run, "run_dir": str(run_dir) if run_dir else None, "log_level": log_level,
+        "metrics_port": metrics_port, "learner.model": model, "learner.max_steps": max_steps, "learner.lr": lr,
+        "pipeline.batch_groups": batch_groups, "pipeline.max_staleness": max_staleness,
+        "learner.publish_every": publish_every, "loss.variant": variant, "loss.proximal": proximal,
+        "learner.dataset": dataset, "learner.threads": threads,
+    }  # fmt: skip
+    settings = prepare(config, overrides, service="learner")
+    from learner.service import main  # heavy: torch / transformers
+
+    raise typer.Exit(main(settings, resume=resume))

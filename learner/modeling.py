@@ -1,0 +1,98 @@
+"""Loading models/tokenizers, and building the tiny in-process model of the reference task.
+
+The tiny model (a small Qwen3 with a character-level tokenizer trained with ``tokenizers``) needs no
+model hub: tests, the demo and benchmarks build it in seconds and save it with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from common.tasks import ADDITION_CHARS
+
+log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be used (missing, incomplete, wrong format)."""
+
+
+def build_char_tokenizer(chars: str = ADDITION_CHARS + " abcdefghijklmnopqrstuvwxyz") -> PreTrainedTokenizerFast:
+    """One token per character, plus pad/bos/eos (ids 0, 1, 2)."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {PAD: 0, BOS: 1, EOS: 2, "<unk>": 3}
+    for c in dict.fromkeys(chars):
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    from tokenizers import decoders
+
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token="<unk>")
+    fast.padding_side = "left"
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 512,
+    seed: int = 0, max_positions: int = 256,
+) -> Path:  # fmt: skip
+    """A ~0.5M-parameter Qwen3 with tied embeddings, saved (model + tokenizer) to ``out_dir``."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_char_tokenizer()
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=intermediate,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="float32",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    return out
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise ModelLoadError(f"model directory {p} does not exist or has no config.json")
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {p}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """An HF causal LM from a directory, on ``device``, sdpa attention, in eval mode."""
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise ModelLoadError(f"model directory {p} does not exist or has no config.json")
+    try:
+        AutoConfig.from_pretrained(p)
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=_DTYPES[dtype], attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the model from {p}: {e}") from None
+    return model.to(device).eval()

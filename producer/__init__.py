@@ -1,0 +1,1 @@
+"""Producers: sample groups of completions with behaviour log-probs and rewards, append them to Redis."""
