@@ -155,7 +155,9 @@ def is_weights(
 
     ρ_i = exp((1/L_i) Σ_t m_t (log π_prox − log π_b)), C(k) = is_cap · is_cap_decay^k."""
     _check_choice("is_mode", is_mode, IS_MODES)
-    _check_same_shape(proximal_logprobs, proximal_logprobs=proximal_logprobs, behavior_logprobs=behavior_logprobs)
+    _check_same_shape(
+        proximal_logprobs, proximal_logprobs=proximal_logprobs, behavior_logprobs=behavior_logprobs
+    )
     _check_mask_and_staleness(proximal_logprobs, mask, staleness)
     _check_cap(is_cap, is_cap_decay)
     dtype = torch.promote_types(proximal_logprobs.dtype, torch.float32)
@@ -222,7 +224,9 @@ def policy_loss(
     if variant == "grpo":
         seq_loss, units = _grpo(logp, prox, behav, adv, mask, staleness, lower, upper, cap, is_mode)
     else:
-        seq_loss, units = _gspo(log_s, log_rho, logp, adv, mask, staleness, lower, upper, cap, is_mode, variant)
+        seq_loss, units = _gspo(
+            log_s, log_rho, logp, adv, mask, staleness, lower, upper, cap, is_mode, variant
+        )
 
     denominator = valid.sum().clamp(min=1) if loss_denominator is None else loss_denominator
     # Summing through where keeps the graph connected to logprobs: an empty batch gives a zero
@@ -461,7 +465,11 @@ def _check_loss_args(
 def _check_scalars(
     clip_low: float, clip_high: float, clip_stale_scale: float, loss_denominator: float | None
 ) -> None:
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("clip_stale_scale", clip_stale_scale)):
+    for name, value in (
+        ("clip_low", clip_low),
+        ("clip_high", clip_high),
+        ("clip_stale_scale", clip_stale_scale),
+    ):
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
     if loss_denominator is not None and not loss_denominator > 0:
