@@ -108,8 +108,9 @@ def _unpack_array(name: str, raw: Any, dtype: np.dtype, limits: Limits) -> np.nd
     n = len(raw) // dtype.itemsize
     if n > limits.max_tokens:
         raise TooLarge(f"field {name!r}: {n} elements exceeds max_tokens={limits.max_tokens}")
-    arr = np.frombuffer(bytes(raw), dtype=dtype)
-    if dtype.kind == "f" and not np.isfinite(arr).all():
+    arr = np.frombuffer(raw, dtype=dtype)  # read-only view, no copy
+    if dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)) and not np.isfinite(arr).all():
+        # one cheap reduction first: a finite sum of float32 values in float64 proves all are finite
         raise NonFiniteValue(f"field {name!r}: contains NaN or inf")
     return arr
 
@@ -163,6 +164,19 @@ def _check_meta(name: str, v: Any, limits: Limits) -> dict[str, Any]:
     return {_check_str(f"{name} key", k, limits): _check_scalar(f"{name}.{k}", x, limits) for k, x in v.items()}
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    return bool(a == b)
+
+
+def _value_eq(self: Any, other: Any) -> bool:
+    """Field-wise equality that compares numpy arrays by value (the generated ``__eq__`` raises on them)."""
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
 def _require(d: dict, name: str) -> Any:
     if name not in d:
         raise MissingField(f"missing field {name!r}")
@@ -181,6 +195,7 @@ class PromptTask:
     meta: dict[str, Any] = field(default_factory=dict)  # fields the reward needs, e.g. {"answer": "42"}
     prompt_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=_I32))  # optional pre-tokenized
     created_at: float = field(default_factory=time.time)
+    __eq__ = _value_eq
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -218,6 +233,7 @@ class Sample:
     version_start: int  # weight version that produced the first token
     version_end: int  # weight version that produced the last token
     version_spans: tuple[tuple[int, int, int], ...] = ()  # (version, start, end) token spans when weights changed
+    __eq__ = _value_eq
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -275,6 +291,7 @@ class RolloutGroup:
     top_k: int = -1
     created_at: float = field(default_factory=time.time)
     gen_time_s: float = 0.0
+    __eq__ = _value_eq
 
     @property
     def version_min(self) -> int:

@@ -1,0 +1,1 @@
+"""Running the pipeline: the local multi-process launcher (``gspo up``), reports, cluster recipes."""
