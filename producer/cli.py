@@ -14,18 +14,31 @@ def producer(
     run: str = RunOpt,
     engine: str = typer.Option(None, "--engine", help="transformers | sglang"),
     sglang_url: str = typer.Option(None, "--sglang-url", help="SGLang server URL (engine=sglang)"),
-    model: str = typer.Option(None, "--model", help="HF model dir (default: the run's published checkpoint or base model)"),
+    model: str = typer.Option(
+        None, "--model", help="HF model dir (default: the run's published checkpoint or base model)"
+    ),
     group_size: int = typer.Option(None, "--group-size", "-G", help="completions per prompt"),
     producer_id: str = typer.Option(None, "--producer-id", help="unique id [default: host-pid]"),
     max_groups: int = typer.Option(None, "--max-groups", help="exit after this many groups"),
     max_staleness: int = typer.Option(None, "--max-staleness", help="K of the admission bound"),
-    batch_groups: int = typer.Option(None, "--batch-groups", help="B: groups per learner step (admission bound)"),
+    batch_groups: int = typer.Option(
+        None, "--batch-groups", help="B: groups per learner step (admission bound)"
+    ),
     temperature: float = typer.Option(None, "--temperature"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
-    reload_mode: str = typer.Option(None, "--reload-mode", help="finish | abort: in-flight requests on new weights"),
+    reload_mode: str = typer.Option(
+        None, "--reload-mode", help="finish | abort: in-flight requests on new weights"
+    ),
     device: str = typer.Option(None, "--device", help="torch device of the transformers engine"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus port (0 = off)"),
+    prompts_per_call: int = typer.Option(
+        None, "--prompts-per-call", help="prompts batched into one engine call"
+    ),
+    claim_idle_ms: int = typer.Option(
+        None, "--claim-idle-ms", help="reclaim prompts pending this long from dead producers"
+    ),
+    seed: int = typer.Option(None, "--seed", help="sampling seed (mixed with the producer id)"),
     run_dir: Path = RunDirOpt,
     config: Path = ConfigOpt,
     log_level: str = LogLevelOpt,
@@ -38,7 +51,8 @@ def producer(
         "producer.max_groups": max_groups, "pipeline.max_staleness": max_staleness,
         "pipeline.batch_groups": batch_groups, "producer.sampling.temperature": temperature,
         "producer.sampling.max_new_tokens": max_new_tokens, "producer.reload_mode": reload_mode,
-        "producer.device": device, "producer.threads": threads,
+        "producer.device": device, "producer.threads": threads, "producer.prompts_per_call": prompts_per_call,
+        "producer.claim_idle_ms": claim_idle_ms, "producer.seed": seed,
     }  # fmt: skip
     settings = prepare(config, overrides, service="producer")
     from producer.service import main  # heavy: torch / transformers / httpx
