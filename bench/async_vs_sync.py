@@ -34,8 +34,14 @@ def main() -> None:
         try:
             results = [
                 run_pipeline("sync-k0", args.out, redis, model, steps=args.steps, max_staleness=0),
-                run_pipeline(f"async-k{args.async_k}", args.out, redis, model, steps=args.steps,
-                             max_staleness=args.async_k),  # fmt: skip
+                run_pipeline(
+                    f"async-k{args.async_k}",
+                    args.out,
+                    redis,
+                    model,
+                    steps=args.steps,
+                    max_staleness=args.async_k,
+                ),  # fmt: skip
             ]
         finally:
             redis.stop()
@@ -48,7 +54,9 @@ def main() -> None:
               f"staleness {r.avg('staleness/mean'):.2f}")  # fmt: skip
     ratio = per_step[sync.name] / per_step[asyn.name]
     print(f"speed-up async/sync (wall per step): {ratio:.2f}x  (ideal with balanced generation/training: 2x)")
-    plot = plot_runs([args.out / r.name for r in results], args.out / "reward_vs_wall.png", x_key="time/elapsed_s")
+    plot = plot_runs(
+        [args.out / r.name for r in results], args.out / "reward_vs_wall.png", x_key="time/elapsed_s"
+    )
     (args.out / "summary.json").write_text(json.dumps(
         {"machine": machine(), "steps": args.steps, "s_per_step": per_step, "speedup": ratio,
          "reward_last10": {r.name: r.avg("reward/mean", 10) for r in results}}, indent=2))  # fmt: skip

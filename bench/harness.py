@@ -29,7 +29,9 @@ def reference_model(cache_dir: Path, target_reward: float = 0.2, seed: int = 0) 
 
     build_tiny_model(cache_dir / "init", seed=seed)
     res = warm_start(cache_dir / "init", out, target_reward=target_reward, seed=seed)
-    (out / "warmstart.json").write_text(json.dumps({"steps": res.steps, "sampled_reward": res.sampled_reward}))
+    (out / "warmstart.json").write_text(
+        json.dumps({"steps": res.steps, "sampled_reward": res.sampled_reward})
+    )
     return out
 
 
@@ -68,7 +70,11 @@ def run_pipeline(
     wall = time.monotonic() - t0
     cluster.stop()
     if not finished:
-        raise RuntimeError(f"{name}: learner did not finish {steps} steps in {timeout_s}s (logs in {run_dir}/logs)")
+        raise RuntimeError(
+            f"{name}: learner did not finish {steps} steps in {timeout_s}s (logs in {run_dir}/logs)"
+        )
     if cluster.learner.proc.returncode != 0:
-        raise RuntimeError(f"{name}: learner exited with {cluster.learner.proc.returncode} (logs in {run_dir}/logs)")
+        raise RuntimeError(
+            f"{name}: learner exited with {cluster.learner.proc.returncode} (logs in {run_dir}/logs)"
+        )
     return RunResult(name, read_metrics(run_dir / "metrics.jsonl"), wall)

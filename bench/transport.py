@@ -29,8 +29,14 @@ READ_COUNT = 32
 
 def make_group(i: int, rng: np.random.Generator, g: int = 8, tokens: int = 512) -> RolloutGroup:
     samples = tuple(
-        Sample(rng.integers(0, 150_000, tokens, dtype=np.int32), -rng.random(tokens, dtype=np.float32) * 5,
-               float(rng.integers(0, 2)), "length", 3, 3)  # fmt: skip
+        Sample(
+            rng.integers(0, 150_000, tokens, dtype=np.int32),
+            -rng.random(tokens, dtype=np.float32) * 5,
+            float(rng.integers(0, 2)),
+            "length",
+            3,
+            3,
+        )  # fmt: skip
         for _ in range(g)
     )
     return RolloutGroup(f"g{i}", f"p{i}", rng.integers(0, 150_000, 128, dtype=np.int32), "math_exact", "bench",
@@ -89,7 +95,9 @@ async def run(n_groups: int, repeats: int) -> None:
             server.stop()
     pipe_gps, bare_gps = n_groups / best_pipe, n_groups / best_bare
     print(f"payload: G=8 x 512 tokens, {size_kib:.1f} KiB/group, {n_groups} groups, best of {repeats}")
-    print(f"pipeline (encode+XADD+XREADGROUP+decode+ACK): {pipe_gps:8.0f} groups/s  {pipe_gps * 8 * 512 / 1e6:.2f} M tokens/s")
+    print(
+        f"pipeline (encode+XADD+XREADGROUP+decode+ACK): {pipe_gps:8.0f} groups/s  {pipe_gps * 8 * 512 / 1e6:.2f} M tokens/s"
+    )
     print(f"bare redis-py (XADD+XREADGROUP+XACK, same bytes): {bare_gps:8.0f} groups/s")
     print(f"ratio pipeline/bare: {pipe_gps / bare_gps:.2f}")
 

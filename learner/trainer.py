@@ -1,0 +1,259 @@
+"""One learner step: advantages, packed log-prob recompute, GSPO loss, backward, AdamW.
+
+``Trainer.train_step(batch)`` is the whole step, the same code for 1 rank and N ranks: each rank
+trains the sequences ``i % world.size == rank`` of the (broadcast) batch, every micro-batch loss
+is divided by the number of valid sequences of the *whole* (mini)batch, and gradients are summed
+over ranks, so N ranks take exactly the 1-rank step (tests/integration/test_learner_ddp.py).
+
+Proximal log-probs (DESIGN §5): with one optimizer step per batch they are the detached values of
+the same forward (no extra pass); with n mini-batches, one no-grad pass before the first update;
+``loss.proximal = "behaviour"`` uses the engine's log-probs instead (ablation). The model stays in
+eval mode (no dropout) so the recompute is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from common.config import Settings
+from learner.batching import TrainBatch
+from learner.distributed import World, all_reduce_grads, all_reduce_sum, reduce_stats
+from learner.gspo import _STAT_NAMES, group_advantages, merge_stats, metrics_from_stats, policy_loss
+from learner.logprobs import packed_logprobs, token_logprobs
+from learner.packing import plan_rows
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+# Rows of ~512 tokens: the packed-sequence mask is a full N×N per row, so moderate rows beat one
+# long row (NOTES.md: 6×512 0.62 s vs 1×2560 1.01 s for the same tokens).
+ROW_TOKENS = 512
+
+# gspo metric name -> namespaced JSONL name (DESIGN §5)
+_METRIC_NAMES = {
+    "clip_frac": "gspo/clip_frac", "clip_frac_low": "gspo/clip_frac_low", "clip_frac_high": "gspo/clip_frac_high",
+    "seq_ratio_mean": "gspo/seq_ratio_mean", "seq_ratio_min": "gspo/seq_ratio_min", "seq_ratio_max": "gspo/seq_ratio_max",
+    "is_weight_mean": "is/weight_mean", "is_weight_max": "is/weight_max", "is_ess": "is/ess",
+    "is_truncated_frac": "is/truncated_frac", "is_masked_frac": "is/masked_frac",
+    "mismatch_abs": "mismatch/prox_vs_behaviour_abs", "count": "gspo/sequences",
+}  # fmt: skip
+
+
+def lr_lambda(warmup_steps: int, schedule: str, total_steps: int):
+    """Multiplier of the base LR after ``s`` optimizer steps: linear warm-up, then the schedule."""
+
+    def f(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        frac = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def pad_rows(values: Sequence[Tensor], width: int) -> Tensor:
+    """Right-pad 1-D tensors with zeros into (B, width)."""
+    out = torch.zeros((len(values), width), dtype=torch.float32, device=values[0].device if values else "cpu")
+    for i, v in enumerate(values):
+        out[i, : v.numel()] = v
+    return out
+
+
+def length_mask(lengths: Sequence[int], width: int) -> Tensor:
+    return torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # (B, T) bool
+
+
+def batch_advantages(batch: TrainBatch) -> tuple[Tensor, float]:
+    """A_i per sequence (group-normalised within each group) and the fraction of tied groups."""
+    parts, tied, start = [], 0, 0
+    for g in batch.group_sizes:
+        r = batch.rewards[start : start + g].to(torch.float64)
+        parts.append(group_advantages(r, g))
+        tied += int(bool((r == r[0]).all()))
+        start += g
+    adv = torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
+    return adv, tied / max(1, len(batch.group_sizes))
+
+
+def stat_keys(batch: TrainBatch) -> list[str]:
+    """Every stats key policy_loss can emit for this batch (same list on every rank)."""
+    valid = torch.tensor([n > 0 for n in batch.completion_lengths], dtype=torch.bool)
+    buckets = sorted(int(k) for k in torch.unique(batch.staleness[valid]).tolist())
+    return [f"{n}{tag}" for tag in ["", *(f"/k={k}" for k in buckets)] for n in _STAT_NAMES]
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, settings: Settings, world: World = World(),
+                 ref_model: torch.nn.Module | None = None, pad_id: int = 0):  # fmt: skip
+        self.model, self.settings, self.world, self.pad_id = model.eval(), settings, world, pad_id
+        ls = settings.learner
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=ls.lr, betas=tuple(ls.betas), weight_decay=ls.weight_decay
+        )
+        total = ls.max_steps * ls.n_minibatches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(ls.warmup_steps, ls.schedule, total)
+        )
+        self.ref_model = ref_model.eval() if ref_model is not None else None
+        if ls.kl_coef > 0 and self.ref_model is None:
+            raise ValueError("learner.kl_coef > 0 needs a frozen reference model")
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        t0 = time.perf_counter()
+        adv, frac_tied = batch_advantages(batch)
+        lengths = batch.completion_lengths
+        mine = [i for i in range(len(batch)) if i % self.world.size == self.world.rank]
+        prox = self._proximal(batch, mine)
+        acc, mine_set = _Accumulator(), set(mine)
+        for mb in _split(len(batch), self.settings.learner.n_minibatches):
+            denominator = sum(1 for i in mb if lengths[i] > 0)
+            if denominator == 0:
+                continue
+            for micro in self._micro_batches(batch, [i for i in mb if i in mine_set]):
+                self._micro_step(batch, micro, adv, prox, denominator, acc)
+            self._optimizer_step(acc)
+        metrics = self._metrics(batch, acc, stat_keys(batch))
+        metrics.update(_batch_metrics(batch, frac_tied))
+        metrics["time/train_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _micro_batches(self, batch: TrainBatch, idx: list[int]) -> list[list[int]]:
+        sizes = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]
+        return [
+            [idx[j] for j in sorted(row)]
+            for row in plan_rows(sizes, self.settings.learner.micro_batch_tokens)
+        ]
+
+    def _row_tokens(self, batch: TrainBatch, idx: list[int]) -> int:
+        longest = max(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx)
+        return max(ROW_TOKENS, longest)
+
+    def _proximal(self, batch: TrainBatch, mine: list[int]) -> dict[int, Tensor] | None:
+        """None: take the detached current forward. Else log π_prox per sequence index."""
+        if self.settings.loss.proximal == "behaviour":
+            return {i: batch.behaviour[i] for i in mine}
+        if self.settings.learner.n_minibatches == 1:
+            return None
+        out: dict[int, Tensor] = {}
+        for micro in self._micro_batches(batch, mine):
+            lps = token_logprobs(self.model, batch.sequences(micro), batch.temperatures[micro].tolist(),
+                                 max_row_tokens=self._row_tokens(batch, micro))  # fmt: skip
+            out.update(zip(micro, lps, strict=True))
+        return out
+
+    def _micro_step(self, batch: TrainBatch, idx: list[int], adv: Tensor, prox: dict[int, Tensor] | None,
+                    denominator: int, acc: _Accumulator) -> None:  # fmt: skip
+        temps = batch.temperatures[idx].tolist()
+        res = packed_logprobs(self.model, batch.sequences(idx), temps, max_row_tokens=self._row_tokens(batch, idx),
+                              with_grad=True, pad_id=self.pad_id)  # fmt: skip
+        lengths = [len(batch.completion_ids[i]) for i in idx]
+        width = max(1, max(lengths))
+        logp = pad_rows(res.logprobs, width)  # (b, T)
+        mask = length_mask(lengths, width).to(logp.device)  # (b, T)
+        behaviour = pad_rows([batch.behaviour[i] for i in idx], width).to(logp.device)
+        proximal = logp.detach() if prox is None else pad_rows([prox[i] for i in idx], width).to(logp.device)
+        staleness = batch.staleness[idx].to(logp.device)
+        loss_cfg = self.settings.loss
+        out = policy_loss(
+            logp, proximal, behaviour, adv[idx].to(logp.device), mask, staleness, variant=loss_cfg.variant,
+            clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, clip_stale_scale=loss_cfg.clip_stale_scale,
+            is_mode=loss_cfg.is_mode, is_cap=loss_cfg.is_cap, is_cap_decay=loss_cfg.is_cap_decay,
+            loss_denominator=float(denominator),
+        )  # fmt: skip
+        loss = out.loss
+        kl = self._kl_term(batch, idx, temps, logp, mask, denominator) if self.ref_model is not None else None
+        if kl is not None:
+            loss = loss + self.settings.learner.kl_coef * kl
+        loss.backward()
+        acc.add(out.stats, float(out.loss.detach()), float(kl.detach()) if kl is not None else 0.0, res)
+
+    def _kl_term(self, batch: TrainBatch, idx: list[int], temps: list[float], logp: Tensor, mask: Tensor,
+                 denominator: int) -> Tensor:  # fmt: skip
+        """k3 estimator of KL(π_θ || π_ref) (Schulman 2020): exp(r) − r − 1, r = log π_ref − log π_θ;
+        token mean per sequence, summed over sequences / global denominator."""
+        ref = token_logprobs(
+            self.ref_model, batch.sequences(idx), temps, max_row_tokens=self._row_tokens(batch, idx)
+        )
+        r = pad_rows(ref, logp.shape[1]).to(logp.device) - logp
+        k3 = torch.where(mask, torch.exp(r) - r - 1.0, 0.0)
+        per_seq = k3.sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / denominator
+
+    def _optimizer_step(self, acc: _Accumulator) -> None:
+        all_reduce_grads(self.world, self.model)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.learner.grad_clip)
+        acc.grad_norms.append(float(norm))
+        if math.isfinite(float(norm)):
+            self.optimizer.step()
+        else:
+            acc.skipped += 1
+            log.warning("non-finite gradient norm %s: optimizer step skipped", float(norm))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ metrics
+    def _metrics(self, batch: TrainBatch, acc: _Accumulator, keys: list[str]) -> dict[str, float]:
+        stats = reduce_stats(self.world, merge_stats(*acc.stats), keys)
+        sums = all_reduce_sum(self.world, [acc.loss, acc.kl, acc.entropy_sum, acc.completion_tokens,
+                                           acc.real_tokens, acc.computed_tokens])  # fmt: skip
+        loss, kl, entropy_sum, completion_tokens, real, computed = sums
+        n_updates = max(1, len(acc.grad_norms))
+        metrics: dict[str, float] = {}
+        for name, value in (metrics_from_stats(stats) if stats else {}).items():
+            base, _, bucket = name.partition("/")
+            metrics[_METRIC_NAMES[base] + (f"/{bucket}" if bucket else "")] = value
+        metrics.update({
+            "loss": loss / n_updates, "kl": kl / n_updates, "entropy": entropy_sum / max(1.0, completion_tokens),
+            "grad_norm": sum(acc.grad_norms) / n_updates, "grad/skipped_steps": float(acc.skipped),
+            "lr": self.scheduler.get_last_lr()[0], "padding/frac": (computed - real) / max(1.0, real),
+            "tokens/real": real, "tokens/completion": completion_tokens,
+        })  # fmt: skip
+        return metrics
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.stats: list[dict[str, float]] = []
+        self.loss = self.kl = self.entropy_sum = 0.0
+        self.completion_tokens = self.real_tokens = self.computed_tokens = 0.0
+        self.grad_norms: list[float] = []
+        self.skipped = 0
+
+    def add(self, stats: dict[str, float], loss: float, kl: float, res) -> None:
+        self.stats.append(stats)
+        self.loss += loss
+        self.kl += kl
+        self.entropy_sum += res.entropy_sum
+        self.completion_tokens += res.completion_tokens
+        self.real_tokens += res.real_tokens
+        self.computed_tokens += res.computed_tokens
+
+
+def _split(n: int, parts: int) -> list[list[int]]:
+    """Contiguous, near-equal chunks of range(n) (mini-batches)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def _batch_metrics(batch: TrainBatch, frac_tied: float) -> dict[str, float]:
+    lengths = torch.tensor(batch.completion_lengths, dtype=torch.float64)
+    r = batch.rewards.to(torch.float64)
+    return {
+        "reward/mean": float(r.mean()) if r.numel() else 0.0,
+        "reward/std": float(r.std(correction=0)) if r.numel() else 0.0,
+        "frac_zero_std": frac_tied,
+        "length/mean": float(lengths.mean()) if lengths.numel() else 0.0,
+        "length/max": float(lengths.max()) if lengths.numel() else 0.0,
+        "length/truncated_frac": float(batch.truncated.double().mean()) if lengths.numel() else 0.0,
+        "groups": float(len(batch.group_sizes)),
+        "sequences": float(len(batch)),
+    }
