@@ -1,7 +1,9 @@
 """Staleness admission control for producers (DESIGN §5).
 
 A group admitted now, by a producer holding weights of version ``w``, is trained after every group
-admitted before it. With the learner at version ``v`` having taken ``consumed`` groups and ``B``
+admitted before it. ``v`` is the version the learner's *next* batch will be trained with (its
+``next_version``: one more than its weights while a taken batch is still training, so the step in
+flight is not forgotten). With the learner having taken ``consumed`` groups and ``B``
 groups per step, it is consumed at about version ``v + outstanding / B`` where
 ``outstanding = admitted - consumed``; its staleness stays <= K iff
 ``outstanding < (K + 1 - (v - w)) * B``. With nothing dropped (consumed = v·B) this is AReaL's
@@ -20,7 +22,7 @@ from common.keys import RunKeys
 _ADMIT = """
 -- KEYS: admitted_count, admitted_marker, learner_state ; ARGV: w, K, B, prefill_min, marker_ttl_s
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
-local v = tonumber(redis.call('HGET', KEYS[3], 'version') or '0')
+local v = tonumber(redis.call('HGET', KEYS[3], 'next_version') or redis.call('HGET', KEYS[3], 'version') or '0')
 local consumed = tonumber(redis.call('HGET', KEYS[3], 'consumed') or '0')
 local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
 local w, K, B, prefill = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])

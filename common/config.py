@@ -5,7 +5,8 @@ value becomes one :class:`ConfigError` line that names the field, the value and 
 
 Environment variables: ``GSPO_<SECTION>__<FIELD>`` (e.g. ``GSPO_LEARNER__LR=1e-4``) or, for brevity,
 ``GSPO_<SECTION>_<FIELD>`` when unambiguous (``GSPO_REDIS_URL``); root fields are ``GSPO_RUN``,
-``GSPO_RUN_DIR``. Values are parsed as JSON when they parse, else taken as strings.
+``GSPO_RUN_DIR``. Values that are JSON lists, maps or null are parsed; other values are strings coerced
+by the field's type (``GSPO_LEARNER__LR=1e-4`` -> 0.0001).
 """
 
 from __future__ import annotations
@@ -190,17 +191,29 @@ def _env_path(name: str) -> tuple[str, ...]:
 
 
 def _env_value(raw: str) -> Any:
+    """JSON lists/maps/null are parsed (``[0.9, 0.99]``); scalars stay strings for pydantic to coerce,
+    so ``GSPO_RUN=123`` is the run "123", not an int rejected by a str field."""
     try:
-        return json.loads(raw)
+        parsed = json.loads(raw)
     except ValueError:
         return raw
+    return parsed if parsed is None or isinstance(parsed, (list, dict)) else raw
+
+
+def _origin_of(loc: tuple[str, ...], origins: dict) -> str:
+    """Where the value at ``loc`` came from; for a section-level (cross-field) error, every source under it."""
+    for i in range(len(loc), 0, -1):
+        if loc[:i] in origins:
+            return origins[loc[:i]]
+    below = sorted({o for p, o in origins.items() if p[: len(loc)] == loc and len(p) > len(loc)})
+    return ", ".join(below) if below else "default"
 
 
 def _format_error(err: ValidationError, origins: dict) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
-        where = next((origins[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origins), "default")
+        where = _origin_of(loc, origins)
         name = ".".join(loc) or "config"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
@@ -240,7 +253,7 @@ def load_settings(
 
 
 # variables read by the CLI itself, not config fields
-_ENV_IGNORED = {"GSPO_CONFIG"}
+_ENV_IGNORED = {"GSPO_CONFIG", "GSPO_REDIS_SERVER"}  # GSPO_REDIS_SERVER: common.redis_conn.find_redis_server
 
 
 def save_settings(settings: Settings, path: Path) -> None:

@@ -123,6 +123,8 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, daemonize: bool = False, timeout_s: float = 10.0) -> RedisServer:
+        # absolute: redis-server chdirs to --dir before opening --logfile/--pidfile, so relative paths break
+        self.data_dir = Path(self.data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port()
@@ -136,7 +138,10 @@ class RedisServer:
         args += list(self.extra_args)
         if daemonize:
             args += ["--daemonize", "yes"]
-            subprocess.run(args, check=True, stdin=subprocess.DEVNULL)
+            done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if done.returncode:
+                why = (done.stdout + done.stderr).strip().splitlines()
+                raise RedisUnavailable(f"redis-server exited with {done.returncode}: {' '.join(why)[-300:]}")
         else:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         self._wait_ready(timeout_s)

@@ -152,8 +152,10 @@ class StreamClient:
     ) -> tuple[list[Entry], list[str], str]:
         """Take over entries idle for ``min_idle_ms``. Returns (claimed, deleted ids, next cursor).
 
-        Redis 6.2 replies ``[cursor, entries]`` and returns trimmed entries with nil fields; 7.x replies
-        ``[cursor, entries, deleted_ids]`` and drops those from the PEL itself. Both end up as ``deleted``.
+        Redis 6.2 replies ``[cursor, entries]`` with a nil in place of each claimed entry that was deleted
+        (no id: those are found in our own PEL and stay there until the caller acks them); 7.x replies
+        ``[cursor, entries, deleted_ids]`` and drops those from the PEL itself. Both end up as ``deleted``:
+        acking them is correct on both.
         """
 
         async def go():
@@ -161,10 +163,33 @@ class StreamClient:
 
         reply = await self.call(go, f"XAUTOCLAIM {stream}")
         cursor = _sid(reply[0])
-        entries = [_entry(i, f) for i, f in (reply[1] or [])]
+        raw = list(reply[1] or [])
+        entries = [_entry(i, f) for i, f in raw if i is not None]
         deleted = [_sid(x) for x in reply[2]] if len(reply) > 2 and reply[2] else []
         deleted += [e.id for e in entries if e.payload is None]
+        if any(i is None for i, _ in raw):
+            # 6.2 replies nil (no id) for a claimed entry that was deleted; it now sits in our PEL: find it there
+            gone = await self._gone_from_own_pel(stream, group, consumer, start, cursor, count)
+            deleted += [i for i in gone if i not in set(deleted)]
         return [e for e in entries if e.payload is not None], deleted, cursor
+
+    async def _gone_from_own_pel(
+        self, stream: str, group: str, consumer: str, start: str, cursor: str, count: int
+    ) -> list[str]:
+        """Ids pending for ``consumer`` in the scanned range [start, cursor) whose entries no longer exist."""
+        end = "+" if cursor == "0-0" else f"({cursor}"
+
+        async def go() -> list[str]:
+            rows = await self.redis.xpending_range(stream, group, min=start, max=end, count=max(4 * count, 100),
+                                                   consumername=consumer)  # fmt: skip
+            ids = [_sid(r["message_id"]) for r in rows]
+            pipe = self.redis.pipeline(transaction=False)
+            for i in ids:
+                pipe.xrange(stream, min=i, max=i, count=1)
+            found = await pipe.execute() if ids else []
+            return [i for i, hit in zip(ids, found, strict=True) if not hit]
+
+        return await self.call(go, f"XPENDING {stream} {consumer}")
 
     # ------------------------------------------------------------------ acks, dead letters
     async def ack(self, stream: str, group: str, ids: Iterable[str]) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common import prom
 from common.config import Settings
 from common.feeder import enqueue
 from common.fingerprint import model_fingerprint
@@ -134,6 +135,7 @@ class Learner:
         self.stop = asyncio.Event()
         self.ckpt_task: asyncio.Task | None = None
         self._rows = None
+        self.t_start = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -141,6 +143,8 @@ class Learner:
         self.streams = StreamClient(self.redis, self.s.redis.retry_for_s, what="learner")
         self.metrics = MetricsWriter(self.s.run_dir, tensorboard=self.s.learner.tensorboard)
         self._install_signals()
+        if prom.start_metrics_server(self.s.metrics_port):
+            log.info("Prometheus metrics on port %d", self.s.metrics_port)
         reader = None
         try:
             await self._start()
@@ -196,7 +200,7 @@ class Learner:
             if taken is None:
                 break
             wait_s = time.perf_counter() - t_wait
-            await self._set_state()
+            await self._set_state(training=True)
             metrics = await self._train(taken)
             metrics["time/wait_s"] = wait_s
             if self.step % self.s.learner.publish_every == 0:
@@ -268,6 +272,7 @@ class Learner:
         k = max(0, self.step - tg.group.version_min)
         if k > self.s.pipeline.max_staleness:
             taken.stale_dropped += 1
+            taken.stale_ids.append(tg.group_id)
             return
         taken.ids.add(tg.group_id)
         taken.groups.append((tg.group, k))
@@ -293,6 +298,7 @@ class Learner:
         hist = Counter(int(k) for _, k in taken.groups)
         metrics.update({
             "step": self.step, "version": self.step, "consumed": self.consumed, "groups/ids": batch.group_ids,
+            "groups/stale_ids": taken.stale_ids,
             "staleness/mean": sum(k * n for k, n in hist.items()) / max(1, len(taken.groups)),
             "staleness/max": max(hist, default=0), "staleness/hist": {str(k): n for k, n in sorted(hist.items())},
             "staleness/dropped": taken.stale_dropped, "duplicates/dropped": taken.duplicates, "dead/total": self.dead,
@@ -312,11 +318,15 @@ class Learner:
         metrics["stream/pending"] = await self.streams.pending_count(self.keys.rollouts, LEARNER_GROUP)
         metrics["weights/publish_s"] = self.publish_s
         metrics["time/unix"] = time.time()
+        metrics["time/elapsed_s"] = time.monotonic() - self.t_start
         self.metrics.write(metrics)
+        prom.learner_observe(metrics)
 
-    async def _set_state(self) -> None:
+    async def _set_state(self, training: bool = False) -> None:
+        """``next_version``: the weights the next taken group will meet (admission control reads it)."""
         await self.redis.hset(self.keys.learner_state, mapping={
-            "version": self.step, "consumed": self.consumed, "step": self.step, "updated_at": time.time(),
+            "version": self.step, "next_version": self.step + int(training), "consumed": self.consumed,
+            "step": self.step, "updated_at": time.time(),
         })  # fmt: skip
 
     # ------------------------------------------------------------------ publishing
@@ -417,3 +427,4 @@ class _Taken:
         self.entry_ids: list[str] = []
         self.duplicates = 0
         self.stale_dropped = 0
+        self.stale_ids: list[str] = []  # group ids dropped as too stale (accounting: nothing silently lost)
