@@ -82,7 +82,7 @@ class ProducerSettings(_Section):
         "finish", description="on new weights: let in-flight requests finish on old weights (versions recorded) or abort and resubmit"
     )
     producer_id: str = Field("", description="unique id; empty = hostname-pid")
-    prompts_per_call: int = Field(4, ge=1, le=4096, description="prompts batched into one engine call")
+    prompts_per_call: int = Field(8, ge=1, le=4096, description="prompts batched into one engine call")
     device: str = Field("cpu", description="torch device of the transformers engine")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers engine dtype")
     seed: int = Field(0, ge=0, description="sampling seed (mixed with producer id)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt, fail, prepare
+from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt, fail, prepare, settings_from
 
 log = logging.getLogger("gspo.up")
 
@@ -48,12 +48,26 @@ def up(
 ) -> None:
     """Run the whole pipeline locally: Redis (embedded unless --redis-url), a learner and N producers,
     each a separate process started with the same commands a cluster uses. Ctrl-C stops cleanly."""
-    from ops.launcher import LocalCluster
-    from ops.report import format_summary, plot_runs, summarize
 
     overrides = {"run_dir": str(run_dir) if run_dir else None, "redis.url": redis_url, "run": run,
                  "log_level": log_level, "pipeline.max_staleness": max_staleness}  # fmt: skip
+    from common.redis_conn import running_embedded, stop_embedded
+
+    # whether this command starts (and so must stop) the run's embedded Redis
+    pre = settings_from(config, {k: v for k, v in overrides.items() if k in ("run_dir", "redis.url")})
+    owns_redis = not pre.redis.url and running_embedded(pre.run_dir) is None
     settings = prepare(config, overrides, service="up")
+    try:
+        _up(settings, config, producers, max_steps, minutes, model, warmstart_reward)
+    finally:
+        if owns_redis:
+            stop_embedded(settings.run_dir)
+
+
+def _up(settings, config, producers, max_steps, minutes, model, warmstart_reward) -> None:
+    from ops.launcher import LocalCluster
+    from ops.report import format_summary, plot_runs, summarize
+
     rd = Path(settings.run_dir).resolve()
     model_dir = Path(model).resolve() if model else _default_model(rd, warmstart_reward, settings.learner.seed)
     if not (model_dir / "config.json").exists():
