@@ -16,6 +16,19 @@ PANELS = (
 )
 
 
+SMOOTH = 20  # steps in the rolling mean drawn over the raw (faint) curve
+
+
+def rolling_mean(ys: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def _series(rows: list[dict], key: str, x_key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in rows:
@@ -43,10 +56,12 @@ def plot_runs(run_dirs: list[Path], out: Path, x_key: str = "step", labels: list
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     runs = [read_metrics(d / "metrics.jsonl") for d in run_dirs]
     for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
-        for rows, label in zip(runs, labels, strict=True):
+        for i, (rows, label) in enumerate(zip(runs, labels, strict=True)):
             xs, ys = _series(rows, key, x_key)
             if xs:
-                ax.plot(xs, ys, label=label, lw=1.2)
+                color = f"C{i}"
+                ax.plot(xs, ys, color=color, lw=0.6, alpha=0.3)
+                ax.plot(xs, rolling_mean(ys, SMOOTH), color=color, lw=1.6, label=label)
         ax.set_title(title)
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
@@ -58,6 +73,7 @@ def plot_runs(run_dirs: list[Path], out: Path, x_key: str = "step", labels: list
             ks = sorted(hist)
             ax.bar([k + i * width for k in ks], [hist[k] for k in ks], width=width, label=label)
     ax.set_title("staleness histogram (groups trained)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("staleness k")
     for a in axes.flat:
         if a.get_legend_handles_labels()[0]:
