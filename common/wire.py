@@ -85,6 +85,8 @@ DEFAULT_LIMITS = Limits()
 
 # --------------------------------------------------------------------------- arrays
 def pack_i32(values: Any) -> bytes:
+    if isinstance(values, np.ndarray) and values.dtype == _I32 and values.ndim == 1:
+        return values.tobytes()  # already the wire dtype: one copy, no range check needed
     arr = np.asarray(values, dtype=np.int64)
     if arr.ndim != 1:
         raise ValueError("token ids must be one-dimensional")
@@ -94,10 +96,10 @@ def pack_i32(values: Any) -> bytes:
 
 
 def pack_f32(values: Any) -> bytes:
-    arr = np.asarray(values, dtype=np.float32)
+    arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError("log-probs must be one-dimensional")
-    return arr.astype(_F32).tobytes()
+    return arr.astype(_F32, copy=False).tobytes()
 
 
 def _unpack_array(name: str, raw: Any, dtype: np.dtype, limits: Limits) -> np.ndarray:
