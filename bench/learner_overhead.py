@@ -94,7 +94,8 @@ def main() -> None:
         )
         batch = make_batch(args.groups, args.group_size, prompt_len=16)
         tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True))
-        s = Settings()
+        # one update per batch: the peer is one forward+backward+AdamW over the same tokens
+        s = Settings.model_validate({"learner": {"n_minibatches": 1}})
         trainer = Trainer(load_model(model_dir), s)
         learner_s = timed(lambda: trainer.train_step(batch), args.steps)
         bare_model = load_model(model_dir)

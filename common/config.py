@@ -114,7 +114,7 @@ class LearnerSettings(_Section):
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
     schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up")
     grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
-    n_minibatches: int = Field(1, ge=1, le=64, description="optimizer steps per batch (the paper uses 4)")
+    n_minibatches: int = Field(2, ge=1, le=64, description="optimizer steps per batch (the paper uses 4); >= 2 gives the clip band something to act on (README: staleness ablation)")
     micro_batch_tokens: int = Field(4096, ge=64, description="packed tokens per forward/backward chunk")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the initial model (0 = off)")
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run until stopped)")
@@ -253,7 +253,7 @@ def load_settings(
 
 
 # variables read by the CLI itself, not config fields
-_ENV_IGNORED = {"GSPO_CONFIG", "GSPO_REDIS_SERVER"}  # GSPO_REDIS_SERVER: common.redis_conn.find_redis_server
+_ENV_IGNORED = {"GSPO_CONFIG", "GSPO_REDIS_SERVER", "GSPO_SOAK_S"}  # REDIS_SERVER: find_redis_server; SOAK_S: tests/chaos
 
 
 def save_settings(settings: Settings, path: Path) -> None:

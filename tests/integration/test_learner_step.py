@@ -46,7 +46,7 @@ def hand_groups(model, n_groups: int = 2, group_size: int = 4, seed: int = 0, te
 
 def settings(**learner) -> Settings:
     s = Settings()
-    s.learner = s.learner.model_copy(update={"lr": 1e-2, **learner})
+    s.learner = s.learner.model_copy(update={"lr": 1e-2, "n_minibatches": 1, **learner})
     s.loss = s.loss.model_copy(update={"clip_low": 0.2, "clip_high": 0.28})
     return s
 
