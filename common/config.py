@@ -90,6 +90,7 @@ class ProducerSettings(_Section):
     heartbeat_ttl_s: float = Field(15.0, gt=1, le=3600, description="heartbeat key TTL")
     claim_idle_ms: int = Field(60_000, ge=100, description="reclaim prompts pending longer than this from dead producers")
     max_groups: int = Field(0, ge=0, description="stop after this many groups (0 = run until stopped)")
+    cache_dir: str = Field("", description="local cache of downloaded checkpoints; default RUN_DIR/checkpoint-cache")
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
 
 
@@ -121,6 +122,7 @@ class LearnerSettings(_Section):
     publish_every: int = Field(1, ge=1, description="publish a checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, description="published checkpoints kept on disk")
     checkpoint_dir: str = Field("", description="checkpoint root (default: RUN_DIR/checkpoints)")
+    checkpoint_url: str = Field("", description="fsspec URL (s3://bucket/prefix, gs://..., file:///shared/...) to upload published checkpoints to; producers download from it; '' = announce the local path")
     wait_log_s: float = Field(30.0, gt=0, description="say that the learner is waiting for rollouts every N seconds")
     seed: int = Field(0, ge=0, description="torch seed")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")

@@ -21,9 +21,12 @@ from common.wire import RolloutGroup, WireError, decode
 class BadRollout(ValueError):
     """An entry that can never be trained on: dead-letter it with ``reason``."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, well_formed: bool = False):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+        # a decodable RolloutGroup (wrong model, bad token ids): a producer made it, so admission control
+        # counted it; the learner counts it as consumed too, or each one would leak a slot of the bound
+        self.well_formed = well_formed
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,17 @@ def decode_entry(entry: Entry, fingerprint: str, vocab_size: int) -> TakenGroup:
         raise BadRollout(
             "wrong_fingerprint",
             f"group made with model {group.model_fingerprint!r}, learner has {fingerprint!r}",
+            well_formed=True,
         )
     if group.prompt_ids.size == 0:
-        raise BadRollout("invalid_value", "group has no prompt token ids")
+        raise BadRollout("invalid_value", "group has no prompt token ids", well_formed=True)
     for arr in [group.prompt_ids, *(s.completion_ids for s in group.samples)]:
         if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise BadRollout("invalid_value", f"token id outside the model's vocabulary [0, {vocab_size})")
+            raise BadRollout(
+                "invalid_value",
+                f"token id outside the model's vocabulary [0, {vocab_size})",
+                well_formed=True,
+            )
     return TakenGroup(entry.id, group)
 
 

@@ -17,6 +17,7 @@ then the write runs on a background thread while the next step trains.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ TMP_PREFIX = ".tmp-"
 STATE_DIR = "trainer_state"
 TENSORS_FILE, STATE_FILE, IDS_FILE = "tensors.safetensors", "state.json", "trained_ids.json"
 CRASH_ENV = "LEARNER_TEST_CRASH_AT"
+FAULT_ENV = "LEARNER_TEST_FAULT"
 
 
 def maybe_crash(point: str, step: int) -> None:
@@ -54,6 +56,14 @@ def maybe_crash(point: str, step: int) -> None:
     if os.environ.get(CRASH_ENV) == f"{point}:{step}":
         log.warning("test hook %s=%s: exiting with 137", CRASH_ENV, os.environ[CRASH_ENV])
         os._exit(137)
+
+
+def maybe_fault(point: str, step: int) -> None:
+    """Test hook: ``LEARNER_TEST_FAULT=enospc_at_publish:2[,3...]`` makes the write of those steps' checkpoints
+    fail with ENOSPC half-way (HF files written, trainer state not), as a full disk would."""
+    name, _, steps = os.environ.get(FAULT_ENV, "").partition(":")
+    if name == point and str(step) in steps.split(","):
+        raise OSError(errno.ENOSPC, f"No space left on device (test hook {FAULT_ENV}={name}:{steps})")
 
 
 # --------------------------------------------------------------------------- tensor <-> JSON structure
@@ -167,10 +177,24 @@ def write_trainer_state(dest: Path, snap: Snapshot) -> None:
 def write_checkpoint(
     root: Path, snap: Snapshot, model, tokenizer, fingerprint: str, parent: int | None
 ) -> tuple[Path, str]:
-    """Write ``step_XXXXXXXX`` atomically: temp dir, fsync, rename, STABLE. Returns (dir, manifest sha256)."""
+    """Write ``step_XXXXXXXX`` atomically: temp dir, fsync, rename, STABLE. Returns (dir, manifest sha256).
+
+    On an OSError (disk full, I/O error) the partial temp dir (or the renamed, never-STABLE dir) is removed
+    before the error propagates: nothing half-written is left for a reader or a resume to trip on."""
     root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(snap.step)
     tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    try:
+        return _write_checkpoint(root, tmp, final, snap, model, tokenizer, fingerprint, parent)
+    except OSError:
+        for d in (tmp, final):
+            if d.is_dir() and not (d / STABLE).exists():
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(root: Path, tmp: Path, final: Path, snap: Snapshot, model, tokenizer, fingerprint: str,
+                      parent: int | None) -> tuple[Path, str]:  # fmt: skip
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=snap.model_state, safe_serialization=True)
@@ -179,6 +203,7 @@ def write_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     maybe_crash("checkpoint_write", snap.step)
+    maybe_fault("enospc_at_publish", snap.step)
     write_trainer_state(tmp / STATE_DIR, snap)
     manifest = Manifest(step=snap.step, version=snap.version, parent=parent, model_fingerprint=fingerprint,
                         files=hash_tree(tmp), created_at=time.time())  # fmt: skip

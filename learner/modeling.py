@@ -92,7 +92,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
         raise ModelLoadError(f"model directory {p} does not exist or has no config.json")
     try:
         AutoConfig.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=_DTYPES[dtype], attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: a pickled *.bin is refused, never loaded
+            p, dtype=_DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True
+        )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load the model from {p}: {e}") from None
     return model.to(device).eval()

@@ -24,16 +24,17 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from redis.exceptions import AuthenticationError
 
 from common import prom
 from common.config import Settings
 from common.feeder import enqueue
-from common.fingerprint import model_fingerprint
+from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import LEARNER_GROUP, PRODUCERS_GROUP, RunKeys
-from common.manifest import step_dir_name
-from common.redis_conn import connect_async
-from common.streams import Entry, StreamClient
-from common.tasks import dataset_rows
+from common.manifest import CheckpointError, step_dir_name
+from common.redis_conn import RedisUnavailable, connect_async
+from common.streams import RETRYABLE, Entry, StreamClient
+from common.tasks import TaskError, dataset_rows
 from common.wire import CheckpointAnnouncement, decode, encode
 from learner import checkpoint as ckpt
 from learner.batching import BadRollout, TakenGroup, build_batch, decode_entry
@@ -48,13 +49,18 @@ from learner.distributed import (
     shutdown,
 )
 from learner.metrics import MetricsWriter
-from learner.modeling import load_model, load_tokenizer
+from learner.modeling import ModelLoadError, load_model, load_tokenizer
+from learner.remote import CheckpointUploadError, prune_remote, upload_step
 from learner.trainer import Trainer
 
 log = logging.getLogger(__name__)
 CONSUMER = "learner-0"
 READ_BLOCK_MS = 1000
 CHECKPOINTS_MAXLEN = 10_000
+
+
+class LearnerError(RuntimeError):
+    """A learner failure stated in one line (the CLI exits 2 with it, no traceback)."""
 
 
 def ckpt_root(settings: Settings) -> Path:
@@ -71,7 +77,7 @@ def _resume_dir(settings: Settings, resume: bool | None) -> Path | None:
         return None
     found = ckpt.newest_verified(ckpt_root(settings))
     if found is None and resume is True:
-        raise FileNotFoundError(f"--resume: no verified STABLE checkpoint under {ckpt_root(settings)}")
+        raise LearnerError(f"--resume: no verified STABLE checkpoint under {ckpt_root(settings)}")
     return found
 
 
@@ -84,7 +90,29 @@ def build_trainer(settings: Settings, model_dir: Path, world: World) -> Trainer:
     return Trainer(model, settings, world, ref_model=ref, pad_id=int(pad) if pad is not None else 0)
 
 
+# set-up problems and a Redis outage longer than redis.retry_for_s: one error line, exit 2 (no traceback)
+STATED_FAILURES = (LearnerError, ModelLoadError, FingerprintError, CheckpointError, TaskError, RedisUnavailable,
+                   *RETRYABLE)  # fmt: skip
+
+
 def main(settings: Settings, resume: bool | None = None) -> int:
+    """Entry point of ``gspo learner``: 0 after max_steps or SIGTERM; 2 with one error line on a stated failure."""
+    try:
+        return _main(settings, resume)
+    except STATED_FAILURES as e:
+        log.error("learner failed: %s", _one_line(e))
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, AuthenticationError):
+        return f"Redis refused the credentials: {e}"
+    if isinstance(e, RETRYABLE):
+        return f"Redis unreachable for longer than redis.retry_for_s: {type(e).__name__}: {e}"
+    return " ".join(str(e).split())
+
+
+def _main(settings: Settings, resume: bool | None) -> int:
     if settings.learner.threads:
         torch.set_num_threads(settings.learner.threads)
     torch.manual_seed(settings.learner.seed)
@@ -94,7 +122,9 @@ def main(settings: Settings, resume: bool | None = None) -> int:
         step = broadcast_int(world, int(start.name.split("_")[1]) if start else -1)
         model_dir = ckpt_root(settings) / step_dir_name(step) if step >= 0 else Path(settings.learner.model)
         if step < 0 and not settings.learner.model:
-            raise ValueError("learner.model (--model) is required when there is no checkpoint to resume from")
+            raise LearnerError(
+                "learner.model (--model) is required when there is no checkpoint to resume from"
+            )
         trainer = build_trainer(settings, model_dir, world)
         state = ckpt.load_trainer_state(model_dir) if step >= 0 else None
         if state is not None:
@@ -131,8 +161,11 @@ class Learner:
         self.unacked: list[str] = []  # entries consumed since the last snapshot
         self.dead = 0
         self.publish_s = 0.0
+        self.publish_failures = 0  # consecutive checkpoint writes that failed (disk full, I/O error)
+        self.publish_failures_total = 0
         self.queue: asyncio.Queue[TakenGroup] = asyncio.Queue(maxsize=2 * settings.pipeline.batch_groups)
         self.stop = asyncio.Event()
+        self.reader_stop = asyncio.Event()
         self.ckpt_task: asyncio.Task | None = None
         self._rows = None
         self.t_start = time.monotonic()
@@ -153,8 +186,7 @@ class Learner:
             await self._finish()
         finally:
             if reader is not None:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+                await self._stop_reader(reader)
             broadcast_command(self.world, CMD_STOP)
             self.metrics.close()
             await self.redis.aclose()
@@ -211,13 +243,16 @@ class Learner:
         if self.step != self.last_published and self.step > 0:
             await self._publish()
         await self._await_checkpoint()
+        if self.publish_failures:
+            raise LearnerError(f"the final checkpoint (step {self.step}) could not be written: steps after "
+                               f"{self.last_published} are not durable and will be retrained on resume")  # fmt: skip
 
     # ------------------------------------------------------------------ reading
     async def _reader(self) -> None:
         """Own pending entries first (a resumed run retrains them), then new ones, into the queue."""
         after, own = "0", True
         count = self.s.pipeline.batch_groups
-        while True:
+        while not self.reader_stop.is_set():
             if own:
                 entries = await self.streams.read_own_pending(
                     self.keys.rollouts, LEARNER_GROUP, CONSUMER, count, after
@@ -231,17 +266,44 @@ class Learner:
                     self.keys.rollouts, LEARNER_GROUP, CONSUMER, count, READ_BLOCK_MS
                 )
             for e in entries:
-                await self._accept(e)
+                if not await self._accept(e):
+                    return  # stopping with the queue full: the entry stays pending for the next run
 
-    async def _accept(self, entry: Entry) -> None:
+    async def _stop_reader(self, reader: asyncio.Task) -> None:
+        """Let the reader finish its current read (at most READ_BLOCK_MS) instead of cancelling it: a cancel
+        that lands as a blocking XREADGROUP returns can be lost inside redis-py (8.1), and the task then
+        reads forever while the exit waits for it (seen: ~40% of SIGTERMs to an idle learner hung)."""
+        self.reader_stop.set()
+        done, _ = await asyncio.wait({reader}, timeout=READ_BLOCK_MS / 1000 + 10)
+        if not done:  # stuck in connection retries (Redis down): cancelling a sleep is safe
+            reader.cancel()
+            done, _ = await asyncio.wait({reader}, timeout=5)
+        if done and not reader.cancelled() and reader.exception() is not None:
+            log.warning("the rollout reader had stopped with %r", reader.exception())
+
+    async def _accept(self, entry: Entry) -> bool:
+        """Dead-letter or queue one entry; False if the learner stopped while the queue was full."""
         try:
             taken = decode_entry(entry, self.fingerprint, self.vocab_size)
         except BadRollout as bad:
             self.dead += 1
+            if False:  # TEMP-REVERT
+                self.consumed += (
+                    1  # (a producer of another model could otherwise fill the bound before any step)
+                )
+                await self._set_consumed()
             await self.streams.dead_letter(self.keys.dead, self.keys.rollouts, LEARNER_GROUP, entry, bad.reason,
                                            bad.detail, CONSUMER, self.s.pipeline.dead_maxlen)  # fmt: skip
-            return
-        await self.queue.put(taken)
+            return True
+        while (
+            not self.reader_stop.is_set()
+        ):  # polled, not awaited: the reader is never cancelled (_stop_reader)
+            try:
+                self.queue.put_nowait(taken)
+                return True
+            except asyncio.QueueFull:
+                await asyncio.sleep(0.05)
+        return False
 
     async def _take(self, reader: asyncio.Task) -> _Taken | None:
         """B trainable groups (duplicates and too-stale ones are dropped, counted and acked later)."""
@@ -278,9 +340,10 @@ class Learner:
         taken.groups.append((tg.group, k))
 
     async def _log_waiting(self, have: int) -> None:
-        alive = 0
-        async for _ in self.redis.scan_iter(match=f"{self.keys.producers}:*", count=100):
-            alive += 1
+        async def count_alive() -> int:
+            return len([k async for k in self.redis.scan_iter(match=f"{self.keys.producers}:*", count=100)])
+
+        alive = await self.streams.call(count_alive, "SCAN producers")
         log.info("waiting for producers: %d/%d groups of the next batch, %d producers alive",
                  have, self.s.pipeline.batch_groups, alive)  # fmt: skip
 
@@ -317,17 +380,24 @@ class Learner:
         metrics["stream/backlog"] = await self.streams.backlog(self.keys.rollouts, LEARNER_GROUP)
         metrics["stream/pending"] = await self.streams.pending_count(self.keys.rollouts, LEARNER_GROUP)
         metrics["weights/publish_s"] = self.publish_s
+        metrics["weights/publish_failures"] = self.publish_failures_total
         metrics["time/unix"] = time.time()
         metrics["time/elapsed_s"] = time.monotonic() - self.t_start
         self.metrics.write(metrics)
         prom.learner_observe(metrics)
 
+    async def _set_consumed(self) -> None:
+        await self.streams.call(
+            lambda: self.redis.hset(self.keys.learner_state, "consumed", self.consumed), "HSET consumed"
+        )
+
     async def _set_state(self, training: bool = False) -> None:
         """``next_version``: the weights the next taken group will meet (admission control reads it)."""
-        await self.redis.hset(self.keys.learner_state, mapping={
-            "version": self.step, "next_version": self.step + int(training), "consumed": self.consumed,
-            "step": self.step, "updated_at": time.time(),
-        })  # fmt: skip
+        mapping = {"version": self.step, "next_version": self.step + int(training), "consumed": self.consumed,
+                   "step": self.step, "updated_at": time.time()}  # fmt: skip
+        await self.streams.call(
+            lambda: self.redis.hset(self.keys.learner_state, mapping=mapping), "HSET learner state"
+        )
 
     # ------------------------------------------------------------------ publishing
     async def _publish(self) -> None:
@@ -348,17 +418,27 @@ class Learner:
 
     async def _write_and_announce(self, snap: ckpt.Snapshot, parent: int | None) -> None:
         t0 = time.perf_counter()
-        path, digest = await asyncio.to_thread(
-            ckpt.write_checkpoint,
-            self.root,
-            snap,
-            self.trainer.model,
-            self.tokenizer,
-            self.fingerprint,
-            parent,
-        )
+        try:
+            path, digest = await asyncio.to_thread(
+                ckpt.write_checkpoint,
+                self.root,
+                snap,
+                self.trainer.model,
+                self.tokenizer,
+                self.fingerprint,
+                parent,
+            )
+        except OSError as e:
+            self._publish_failed(snap, parent, e)
+            return
+        try:
+            where = await asyncio.to_thread(self._published_at, path)
+        except CheckpointUploadError as e:  # as a failed write: not announced nor acked, next publish retries
+            self._publish_failed(snap, parent, e)
+            return
+        self.publish_failures = 0
         ckpt.maybe_crash("before_announce", snap.step)
-        await self._announce(snap.step, path.resolve(), digest)
+        await self._announce(snap.step, where, digest)
         self.publish_s = time.perf_counter() - t0
         await self.streams.ack(self.keys.rollouts, LEARNER_GROUP, snap.entry_ids)
         ckpt.maybe_crash("after_ack", snap.step)
@@ -367,35 +447,66 @@ class Learner:
             log.debug("pruned %s", p)
         log.info("published step %d in %.2fs: %s", snap.step, self.publish_s, path)
 
-    async def _announce(self, step: int, path: Path, digest: str) -> None:
+    def _publish_failed(self, snap: ckpt.Snapshot, parent: int | None, e: OSError) -> None:
+        """A checkpoint that could not be written (disk full, I/O error): nothing of it is acked. Its entries go
+        back to the unacked list, so the next publish point covers them; a crash before then retrains them."""
+        self.publish_failures += 1
+        self.publish_failures_total += 1
+        self.unacked = snap.entry_ids + self.unacked
+        if self.last_published == snap.step:
+            self.last_published = parent
+        log.error("could not publish the checkpoint of step %d (%s: %s); partial files removed, its %d entries stay "
+                  "unacked; training goes on and the next publish point retries", snap.step, type(e).__name__, e,
+                  len(snap.entry_ids))  # fmt: skip
+
+    def _published_at(self, step_dir: Path) -> str:
+        """Where producers load a STABLE step from: its absolute local path, or (learner.checkpoint_url set)
+        its upload there. Blocking: runs on the checkpoint thread."""
+        url_root = self.s.learner.checkpoint_url
+        if not url_root:
+            return str(step_dir.resolve())
+        url = upload_step(step_dir, url_root)
+        try:
+            prune_remote(url_root, self.s.learner.keep_checkpoints)
+        except OSError as e:  # the new step is complete: announce it; the next publish prunes again
+            log.warning("could not prune old checkpoints under %s: %s: %s", url_root, type(e).__name__, e)
+        return url
+
+    async def _announce(self, step: int, path: Path | str, digest: str) -> None:
         msg = encode(CheckpointAnnouncement(step=step, version=step, path=str(path), manifest_sha256=digest,
                                             model_fingerprint=self.fingerprint))  # fmt: skip
         await self.streams.append(self.keys.checkpoints, msg, CHECKPOINTS_MAXLEN)
-        await self.redis.set(self.keys.latest, msg)
+        await self.streams.call(lambda: self.redis.set(self.keys.latest, msg), "SET latest")
 
     async def _announce_if_missing(self) -> None:
         """A crash between STABLE and the announcement: announce the restored step now."""
-        raw = await self.redis.get(self.keys.latest)
+        raw = await self.streams.call(lambda: self.redis.get(self.keys.latest), "GET latest")
         if raw is not None and decode(raw, expect=CheckpointAnnouncement).step >= self.step:
             return
         path = self.root / step_dir_name(self.step)
         from common.manifest import read_manifest
 
-        await self._announce(self.step, path.resolve(), read_manifest(path)[1])
+        where = await asyncio.to_thread(self._published_at, path)  # uploaded again if checkpoint_url is set
+        await self._announce(self.step, where, read_manifest(path)[1])
 
     async def _trim(self) -> None:
-        """Drop rollout entries older than everything still pending (all of them are acked)."""
-        info = await self.streams.call(
-            lambda: self.redis.xpending(self.keys.rollouts, LEARNER_GROUP), "XPENDING"
-        )
-        if int(info["pending"]):
-            oldest = info["min"].decode() if isinstance(info["min"], bytes) else info["min"]
-        else:
-            groups = {g["name"]: g for g in await self.streams.group_info(self.keys.rollouts)}
-            oldest = str(groups[LEARNER_GROUP]["last-delivered-id"])
-            if oldest in ("0-0", "0"):
-                return
-        await self.streams.trim_before(self.keys.rollouts, oldest)
+        """Drop entries older than everything still pending, from the rollouts stream (all of them are acked)
+        and from the prompts stream (generated and acked by producers): both stay bounded however long the run."""
+        for stream, group in ((self.keys.rollouts, LEARNER_GROUP), (self.keys.prompts, PRODUCERS_GROUP)):
+            oldest = await self._oldest_unfinished(stream, group)
+            if oldest is not None:
+                await self.streams.trim_before(stream, oldest)
+
+    async def _oldest_unfinished(self, stream: str, group: str) -> str | None:
+        """The oldest entry ``group`` still needs: its oldest pending one, else its last delivered one."""
+        found = [g for g in await self.streams.group_info(stream) if g.get("name") == group]
+        if not found:
+            return None
+        if int(found[0].get("pending", 0)):
+            info = await self.streams.call(lambda: self.redis.xpending(stream, group), f"XPENDING {stream}")
+            return info["min"].decode() if isinstance(info["min"], bytes) else str(info["min"])
+        last = str(found[0].get("last-delivered-id", "0-0"))
+        return None if last in ("0-0", "0") else last
 
     # ------------------------------------------------------------------ prompt feeder
     async def _feed(self) -> None:
@@ -414,9 +525,9 @@ class Learner:
         ]
         await enqueue(self.streams, self.keys, pairs, self.s.pipeline.prompts_maxlen)
         self.prompt_cursor += len(pairs)
-        await self.redis.hset(
-            self.keys.prompt_cursor,
-            mapping={"position": self.prompt_cursor, "source": self.s.learner.dataset},
+        cursor = {"position": self.prompt_cursor, "source": self.s.learner.dataset}
+        await self.streams.call(
+            lambda: self.redis.hset(self.keys.prompt_cursor, mapping=cursor), "HSET prompt cursor"
         )
 
 

@@ -28,22 +28,25 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from redis.exceptions import AuthenticationError
+
 from common.admission import Admitter
 from common.config import Settings
 from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import PRODUCERS_GROUP, RunKeys
 from common.manifest import CheckpointError
 from common.redis_conn import RedisUnavailable, connect_async
-from common.streams import Entry, StreamClient
+from common.streams import RETRYABLE, Entry, StreamClient
 from common.tasks import RewardFn, TaskError, get_reward
 from common.wire import ProducerHeartbeat, PromptTask, RolloutGroup, Sample, WireError, decode, encode
 from producer.engines.base import Completion, Engine, EngineError, SamplingParams
-from producer.weights import CheckpointFollower
+from producer.weights import CheckpointFollower, cache_dir_for, local_checkpoint
 
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 500  # short enough that a drain request is noticed quickly
 PACED_POLL_S = 0.1  # how often a paced producer re-asks for admission
 WEIGHTS_POLL_S = 0.5  # how often keys.latest is read (one GET)
+STOP_GRACE_S = 15.0  # background loops get this long to finish their current Redis call / weight load
 
 
 class ProducerError(RuntimeError):
@@ -93,6 +96,7 @@ class Producer:
         self.id, self.follower = producer_id, follower
         self.keys = RunKeys(settings.run)
         self.stop = stop or asyncio.Event()
+        self.finished = asyncio.Event()  # the stages are done: background loops end after their current step
         p = settings.pipeline
         self.admitter = Admitter(
             streams.redis, self.keys, p.max_staleness, p.batch_groups, p.prefill_min_groups
@@ -118,7 +122,7 @@ class Producer:
                   asyncio.create_task(self._append_stage(results))]  # fmt: skip
         background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._weights_loop())]
         try:
-            await _supervise(stages, background)
+            await _supervise(stages, background, self.finished)
         finally:
             await self.streams.call(
                 lambda: self.streams.redis.delete(self.keys.producer(self.id)), "DEL heartbeat"
@@ -265,7 +269,11 @@ class Producer:
         cap = self.settings.producer.max_groups
         limit = cap - self.admitted_total if cap > 0 else len(self.held)
         for h in list(self.held)[: max(0, limit)]:
-            if not (await self.admitter.try_admit(h.task.task_id, self.engine.version)).admitted:
+            # retrying is safe: the script marks the group id, so a lost reply cannot count it twice
+            admission = await self.streams.call(
+                lambda h=h: self.admitter.try_admit(h.task.task_id, self.engine.version), "EVALSHA admit"
+            )
+            if not admission.admitted:
                 break
             batch.append(h)
             self.held.remove(h)
@@ -312,9 +320,9 @@ class Producer:
 
     # ------------------------------------------------------------------ weights
     async def _weights_loop(self) -> None:
-        while True:
+        while not self.finished.is_set():
             await self.sync_weights()
-            await asyncio.sleep(WEIGHTS_POLL_S)
+            await _pause(self.finished, WEIGHTS_POLL_S)
 
     async def sync_weights(self) -> bool:
         """Load the newest announced checkpoint if it is newer and verifies. True if weights changed."""
@@ -356,13 +364,13 @@ class Producer:
             exporter.close()
 
     async def _beat(self, exporter: _Exporter, key: str, ttl_s: float, every_s: float) -> None:
-        while True:
+        while not self.finished.is_set():
             hb = self.heartbeat()
             exporter.export(self.metrics, hb)  # first: whoever sees this heartbeat sees these metrics
             await self.streams.call(
                 lambda hb=hb: self.streams.redis.set(key, encode(hb), ex=max(1, int(ttl_s))), "SET heartbeat"
             )
-            await asyncio.sleep(every_s)
+            await _pause(self.finished, every_s)
 
     def heartbeat(self) -> ProducerHeartbeat:
         now, m = time.monotonic(), self.metrics
@@ -377,19 +385,48 @@ class Producer:
         )  # fmt: skip
 
 
-async def _supervise(stages: list[asyncio.Task], background: list[asyncio.Task]) -> None:
-    """Wait for ``stages`` to finish; the first failure of any task cancels all the others and is raised."""
+async def _supervise(
+    stages: list[asyncio.Task], background: list[asyncio.Task], finished: asyncio.Event
+) -> None:
+    """Wait for ``stages``; the first failure of any task cancels all the others and is raised.
+
+    After a normal end the background loops are asked to stop (``finished``) and awaited, not cancelled: a
+    cancel that lands as a Redis reply arrives can be lost inside redis-py (8.1), and the task then loops
+    forever while the exit waits for it (seen after SIGTERM right behind a Redis pause)."""
     pending = set(stages) | set(background)
+    failed = True
     try:
         while any(not t.done() for t in stages):
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+        failed = False
     finally:
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        finished.set()
+        await _end(pending, grace_s=0.0 if failed else STOP_GRACE_S)
+
+
+async def _end(tasks: set[asyncio.Task], grace_s: float) -> None:
+    """Let ``tasks`` finish within ``grace_s``, then cancel what is left (bounded: never hangs the exit)."""
+    if not tasks:
+        return
+    _, left = await asyncio.wait(tasks, timeout=grace_s) if grace_s > 0 else (set(), tasks)
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.wait(left, timeout=5.0)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.warning("%s ended with %r while stopping", t.get_name(), t.exception())
+
+
+async def _pause(event: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds`` or until ``event`` is set."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout=seconds)
+    except TimeoutError:
+        pass  # the normal case: the time is up
 
 
 class _Exporter:
@@ -469,7 +506,9 @@ async def resolve_base_model(settings: Settings, streams: StreamClient, keys: Ru
                 "no model: pass --model (or set learner.model), or start the learner so it publishes one"
             )
         log.warning("no base model configured: using the announced checkpoint %s as the base", ann.path)
-        settings.producer.model = model_dir = ann.path
+        # an announced URL is downloaded into the cache first
+        local, _ = await asyncio.to_thread(local_checkpoint, ann, cache_dir_for(settings))
+        settings.producer.model = model_dir = str(local)
     return model_dir
 
 
@@ -480,7 +519,7 @@ async def build_producer(
     producer_id = settings.producer.producer_id or default_producer_id()
     keys = RunKeys(settings.run)
     model_dir = await resolve_base_model(settings, streams, keys)
-    follower = CheckpointFollower(streams, keys, model_fingerprint(model_dir))
+    follower = CheckpointFollower(streams, keys, model_fingerprint(model_dir), cache_dir_for(settings))
     engine, tokenizer = await build_engine(settings, producer_id, follower)
     producer = Producer(settings, engine, tokenizer, streams, producer_id, follower, stop)
     try:
@@ -513,22 +552,25 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Produc
 
 
 def main(settings: Settings) -> int:
-    """Entry point of ``gspo producer``: exit code 0 after a drain or max_groups, 1 on a stated failure."""
+    """Entry point of ``gspo producer``: exit code 0 after a drain or max_groups; 2 with one error line (no
+    traceback) on a stated failure, a Redis outage longer than ``redis.retry_for_s`` included."""
     from learner.modeling import ModelLoadError
 
     try:
         asyncio.run(_main(settings))
-    except (
-        ProducerError,
-        EngineError,
-        ModelLoadError,
-        FingerprintError,
-        CheckpointError,
-        RedisUnavailable,
-    ) as e:
-        log.error("producer failed: %s", e)
-        return 1
+    except (ProducerError, EngineError, ModelLoadError, FingerprintError, CheckpointError, TaskError,
+            RedisUnavailable, *RETRYABLE) as e:  # fmt: skip
+        log.error("producer failed: %s", _one_line(e))
+        return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, AuthenticationError):
+        return f"Redis refused the credentials: {e}"
+    if isinstance(e, RETRYABLE):
+        return f"Redis unreachable for longer than redis.retry_for_s: {type(e).__name__}: {e}"
+    return " ".join(str(e).split())
 
 
 async def _main(settings: Settings) -> None:

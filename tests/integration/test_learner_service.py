@@ -131,7 +131,8 @@ async def test_service_trains_publishes_acks_and_dead_letters(
     pending = await aredis.xpending(keys.rollouts, LEARNER_GROUP)
     assert pending["pending"] <= 1
     state = await aredis.hgetall(keys.learner_state)
-    assert int(state[b"version"]) == 4 and int(state[b"step"]) == 4 and int(state[b"consumed"]) == 9
+    # consumed: 9 taken + the wrong-model group (a well-formed group held an admission slot: released)
+    assert int(state[b"version"]) == 4 and int(state[b"step"]) == 4 and int(state[b"consumed"]) == 10
     assert await aredis.xlen(keys.rollouts) <= 2  # trimmed below the oldest pending entry
     # dead letters with reasons; training went on
     dead = [decode(f[b"m"], expect=DeadLetter) for _, f in await aredis.xrange(keys.dead)]
