@@ -287,7 +287,7 @@ class Learner:
             taken = decode_entry(entry, self.fingerprint, self.vocab_size)
         except BadRollout as bad:
             self.dead += 1
-            if False:  # TEMP-REVERT
+            if bad.well_formed:  # admission control counted it: release its slot now, not at the next step
                 self.consumed += (
                     1  # (a producer of another model could otherwise fill the bound before any step)
                 )
@@ -447,7 +447,7 @@ class Learner:
             log.debug("pruned %s", p)
         log.info("published step %d in %.2fs: %s", snap.step, self.publish_s, path)
 
-    def _publish_failed(self, snap: ckpt.Snapshot, parent: int | None, e: OSError) -> None:
+    def _publish_failed(self, snap: ckpt.Snapshot, parent: int | None, e: Exception) -> None:
         """A checkpoint that could not be written (disk full, I/O error): nothing of it is acked. Its entries go
         back to the unacked list, so the next publish point covers them; a crash before then retrains them."""
         self.publish_failures += 1
