@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 from common.keys import RunKeys
 
+# A marker only has to outlive a reclaim (claim_idle_ms plus a generation). Should one expire first,
+# the reclaimed group may be counted twice, which errs on the safe side (one group less of headroom,
+# never more than the bound); an hour bounds the markers to an hour of admissions.
+MARKER_TTL_S = 3600
+
 _ADMIT = """
 -- KEYS: admitted_count, admitted_marker, learner_state ; ARGV: w, K, B, prefill_min, marker_ttl_s
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
@@ -48,7 +53,7 @@ class Admission:
 
 class Admitter:
     def __init__(self, client, keys: RunKeys, max_staleness: int, batch_groups: int, prefill_min_groups: int,
-                 marker_ttl_s: int = 7 * 86400):  # fmt: skip
+                 marker_ttl_s: int = MARKER_TTL_S):  # fmt: skip
         self.client, self.keys = client, keys
         self.args = (max_staleness, batch_groups, prefill_min_groups, marker_ttl_s)
         self._script = client.register_script(_ADMIT)

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from common.config import ConfigError, Settings, load_settings
+from common.config import ConfigError, Settings, load_settings, save_settings
 from common.logs import setup_logging
 from common.redis_conn import RedisUnavailable, check_reachable, ensure_embedded, redact_url
 
@@ -54,4 +54,6 @@ def prepare(
         except RedisUnavailable as e:
             raise fail(str(e)) from None
         log.debug("redis: %s", redact_url(settings.redis.url))
+    if log_file is not None:  # what this process runs with, credentials redacted, next to its log
+        save_settings(settings, log_file.parent / f"{service}.config.json")
     return settings
