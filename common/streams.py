@@ -32,6 +32,15 @@ T = TypeVar("T")
 RETRYABLE = (RedisConnectionError, RedisTimeoutError)
 
 
+def describe_failure(e: BaseException) -> str:
+    """One log line for a service's fatal error: Redis auth/outage named as such, else the message."""
+    if isinstance(e, AuthenticationError):
+        return f"Redis refused the credentials: {e}"
+    if isinstance(e, RETRYABLE):
+        return f"Redis unreachable for longer than redis.retry_for_s: {type(e).__name__}: {e}"
+    return " ".join(str(e).split())
+
+
 @dataclass(frozen=True)
 class Entry:
     id: str

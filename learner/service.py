@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from redis.exceptions import AuthenticationError
 
 from common import prom
 from common.config import Settings
@@ -33,7 +32,7 @@ from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import LEARNER_GROUP, PRODUCERS_GROUP, RunKeys
 from common.manifest import CheckpointError, step_dir_name
 from common.redis_conn import RedisUnavailable, connect_async
-from common.streams import RETRYABLE, Entry, StreamClient
+from common.streams import RETRYABLE, Entry, StreamClient, describe_failure
 from common.tasks import TaskError, dataset_rows
 from common.wire import CheckpointAnnouncement, decode, encode
 from learner import checkpoint as ckpt
@@ -100,16 +99,8 @@ def main(settings: Settings, resume: bool | None = None) -> int:
     try:
         return _main(settings, resume)
     except STATED_FAILURES as e:
-        log.error("learner failed: %s", _one_line(e))
+        log.error("learner failed: %s", describe_failure(e))
         return 2
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, AuthenticationError):
-        return f"Redis refused the credentials: {e}"
-    if isinstance(e, RETRYABLE):
-        return f"Redis unreachable for longer than redis.retry_for_s: {type(e).__name__}: {e}"
-    return " ".join(str(e).split())
 
 
 def _main(settings: Settings, resume: bool | None) -> int:

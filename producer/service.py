@@ -28,15 +28,13 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from redis.exceptions import AuthenticationError
-
 from common.admission import Admitter
 from common.config import Settings
 from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import PRODUCERS_GROUP, RunKeys
 from common.manifest import CheckpointError
 from common.redis_conn import RedisUnavailable, connect_async
-from common.streams import RETRYABLE, Entry, StreamClient
+from common.streams import RETRYABLE, Entry, StreamClient, describe_failure
 from common.tasks import RewardFn, TaskError, get_reward
 from common.wire import ProducerHeartbeat, PromptTask, RolloutGroup, Sample, WireError, decode, encode
 from producer.engines.base import Completion, Engine, EngineError, SamplingParams
@@ -560,17 +558,9 @@ def main(settings: Settings) -> int:
         asyncio.run(_main(settings))
     except (ProducerError, EngineError, ModelLoadError, FingerprintError, CheckpointError, TaskError,
             RedisUnavailable, *RETRYABLE) as e:  # fmt: skip
-        log.error("producer failed: %s", _one_line(e))
+        log.error("producer failed: %s", describe_failure(e))
         return 2
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, AuthenticationError):
-        return f"Redis refused the credentials: {e}"
-    if isinstance(e, RETRYABLE):
-        return f"Redis unreachable for longer than redis.retry_for_s: {type(e).__name__}: {e}"
-    return " ".join(str(e).split())
 
 
 async def _main(settings: Settings) -> None:

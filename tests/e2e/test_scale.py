@@ -3,8 +3,6 @@ learner runs; metrics show training continued and nothing was lost or trained tw
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
