@@ -24,8 +24,8 @@ def reference_model(cache_dir: Path, target_reward: float = 0.2, seed: int = 0) 
     out = cache_dir / f"ref-model-s{seed}-r{target_reward}"
     if (out / "warmstart.json").exists():
         return out
-    from learner.modeling import build_tiny_model
     from learner.warmstart import warm_start
+    from modeling import build_tiny_model
 
     build_tiny_model(cache_dir / "init", seed=seed)
     res = warm_start(cache_dir / "init", out, target_reward=target_reward, seed=seed)

@@ -24,9 +24,9 @@ import torch
 from common.config import Settings
 from common.wire import RolloutGroup, Sample
 from learner.batching import TrainBatch, build_batch
-from learner.modeling import build_tiny_model, load_model
 from learner.packing import pack
 from learner.trainer import Trainer
+from modeling import build_tiny_model, load_model
 
 
 def make_batch(n_groups: int, group_size: int, prompt_len: int, seed: int = 0) -> TrainBatch:

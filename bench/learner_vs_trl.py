@@ -29,8 +29,8 @@ import torch
 from bench.learner_overhead import make_batch
 from common.config import Settings
 from learner.batching import TrainBatch
-from learner.modeling import build_tiny_model, load_model
 from learner.trainer import Trainer, batch_advantages
+from modeling import build_tiny_model, load_model
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TRL_PYTHON = HERE / ".trl-venv" / "bin" / "python"

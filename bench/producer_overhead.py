@@ -24,7 +24,7 @@ from common.keys import RunKeys
 from common.redis_conn import RedisServer, connect_async
 from common.streams import StreamClient
 from common.tasks import addition_rows
-from learner.modeling import build_tiny_model
+from modeling import build_tiny_model
 from producer.engines.hf import HFEngine
 from producer.service import build_producer, sampling_from
 

@@ -32,6 +32,7 @@ from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import LEARNER_GROUP, PRODUCERS_GROUP, RunKeys
 from common.manifest import CheckpointError, step_dir_name
 from common.redis_conn import RedisUnavailable, connect_async
+from common.store import CheckpointUploadError, prune_remote, upload_step
 from common.streams import RETRYABLE, Entry, StreamClient, describe_failure
 from common.tasks import TaskError, dataset_rows
 from common.wire import CheckpointAnnouncement, decode, encode
@@ -48,9 +49,8 @@ from learner.distributed import (
     shutdown,
 )
 from learner.metrics import MetricsWriter
-from learner.modeling import ModelLoadError, load_model, load_tokenizer
-from learner.remote import CheckpointUploadError, prune_remote, upload_step
 from learner.trainer import Trainer
+from modeling import ModelLoadError, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 CONSUMER = "learner-0"

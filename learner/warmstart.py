@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.tasks import addition_prompt, addition_reward
-from learner.modeling import load_model, load_tokenizer
+from modeling import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ def _default_model(run_dir: Path, target_reward: float, seed: int) -> Path:
     marker = path / "warmstart.json"
     if marker.exists():
         return path
-    from learner.modeling import build_tiny_model
     from learner.warmstart import warm_start
+    from modeling import build_tiny_model
 
     typer.echo(f"building the reference model and warm-starting it to sampled reward >= {target_reward} ...")
     build_tiny_model(run_dir / "init-model", seed=seed)

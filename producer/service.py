@@ -476,7 +476,7 @@ async def build_engine(
     settings: Settings, producer_id: str, follower: CheckpointFollower
 ) -> tuple[Engine, object]:
     """The engine and the tokenizer used to tokenise prompts and detokenise completions for rewards."""
-    from learner.modeling import load_tokenizer
+    from modeling import load_tokenizer
 
     model_dir = base_model_dir(settings)
     p = settings.producer
@@ -552,7 +552,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> Produc
 def main(settings: Settings) -> int:
     """Entry point of ``gspo producer``: exit code 0 after a drain or max_groups; 2 with one error line (no
     traceback) on a stated failure, a Redis outage longer than ``redis.retry_for_s`` included."""
-    from learner.modeling import ModelLoadError
+    from modeling import ModelLoadError
 
     try:
         asyncio.run(_main(settings))

@@ -22,9 +22,9 @@ from common.config import Settings
 from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import RunKeys
 from common.manifest import CheckpointError, Manifest, read_manifest, verify_checkpoint
+from common.store import download_step, is_url
 from common.streams import StreamClient
 from common.wire import CheckpointAnnouncement, WireError, decode
-from learner.remote import download_step, is_url
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ async def aredis(redis_url: str) -> AsyncIterator:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference task's tiny Qwen3 (random init), saved once per session."""
-    from learner.modeling import build_tiny_model
+    from modeling import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from common.fingerprint import model_fingerprint
-from learner.modeling import load_model, load_tokenizer
+from modeling import load_model, load_tokenizer
 from producer.engines.base import Completion, Engine, EngineError, SamplingParams
 
 log = logging.getLogger(__name__)

@@ -188,7 +188,7 @@ def _empty_prompt(rng: random.Random, raw: bytes) -> bytes:
 
 def other_tokenizer_model(tiny_model_dir: Path, dest: Path) -> Path:
     """The same weights and config with a tokenizer that maps characters to other ids: another fingerprint."""
-    from learner.modeling import build_char_tokenizer
+    from modeling import build_char_tokenizer
 
     shutil.copytree(tiny_model_dir, dest)
     for f in dest.glob("*token*"):

@@ -60,7 +60,7 @@ def recompute(model, prompt, completion, temperature):
 
 
 async def test_real_server_logprobs_match_a_transformers_recompute(engine, tiny_model_dir):
-    from learner.modeling import load_model
+    from modeling import load_model
 
     prompts = [[5, 6, 14, 7, 8, 15], [5, 14, 6, 15]]
     out = await engine.generate(prompts, 4, SamplingParams(temperature=0.7, max_new_tokens=12))

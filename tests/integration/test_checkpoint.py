@@ -19,8 +19,8 @@ from learner.checkpoint import (
     take_snapshot,
     write_checkpoint,
 )
-from learner.modeling import load_model, load_tokenizer
 from learner.trainer import Trainer
+from modeling import load_model, load_tokenizer
 from tests.integration.test_learner_step import hand_groups, settings
 
 

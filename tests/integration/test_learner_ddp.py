@@ -18,15 +18,15 @@ pytestmark = pytest.mark.slow
 
 def _batch(model_dir: Path):
     from learner.batching import build_batch
-    from learner.modeling import load_model
+    from modeling import load_model
     from tests.integration.test_learner_step import hand_groups
 
     return build_batch(hand_groups(load_model(model_dir), n_groups=3, group_size=4, seed=11))
 
 
 def _step(model_dir: Path, world, batch):
-    from learner.modeling import load_model
     from learner.trainer import Trainer
+    from modeling import load_model
     from tests.integration.test_learner_step import settings
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from common.keys import LEARNER_GROUP, RunKeys
 from common.manifest import stable_steps, verify_checkpoint
 from common.wire import CheckpointAnnouncement, DeadLetter, RolloutGroup, Sample, decode, encode
 from learner.logprobs import token_logprobs
-from learner.modeling import load_model
+from modeling import load_model
 
 pytestmark = pytest.mark.redis
 

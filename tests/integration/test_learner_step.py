@@ -12,8 +12,8 @@ from common.config import Settings
 from common.wire import RolloutGroup, Sample
 from learner.batching import TrainBatch, build_batch
 from learner.gspo import group_advantages, policy_loss
-from learner.modeling import load_model
 from learner.trainer import Trainer
+from modeling import load_model
 
 
 def one_by_one(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from common.keys import PRODUCERS_GROUP, RunKeys
 from common.streams import StreamClient
 from common.tasks import addition_prompt, get_reward
 from common.wire import DeadLetter, ProducerHeartbeat, PromptTask, RolloutGroup, decode, encode
-from learner.modeling import load_model, load_tokenizer
+from modeling import load_model, load_tokenizer
 from producer.engines.base import SamplingParams
 from producer.engines.hf import HFEngine
 from producer.service import serve
@@ -319,7 +319,7 @@ async def test_metrics_reach_prometheus_and_the_jsonl_file(
 def test_checkpoint_of_another_model_is_refused(tiny_model_dir, tmp_path):
     from common.manifest import CheckpointError, read_manifest
     from common.wire import CheckpointAnnouncement
-    from learner.modeling import build_tiny_model
+    from modeling import build_tiny_model
     from producer.weights import verify_announcement
 
     other = build_tiny_model(tmp_path / "other", hidden=64, layers=1)

@@ -12,9 +12,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from common.keys import LEARNER_GROUP, RunKeys
 from common.manifest import STABLE, CheckpointError, hash_tree, read_manifest, verify_checkpoint
+from common.store import download_step, upload_step
 from common.wire import CheckpointAnnouncement, decode, encode
-from learner.modeling import load_model
-from learner.remote import download_step, upload_step
+from modeling import load_model
 from tests.integration.test_learner_service import learner_settings, make_groups, run_learner
 from tests.integration.test_producer import (
     heartbeat,

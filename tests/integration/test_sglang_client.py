@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.fingerprint import model_fingerprint
-from learner.modeling import build_tiny_model
+from modeling import build_tiny_model
 from producer.engines.base import SamplingParams
 from producer.engines.sglang import SGLangEngine, SGLangError, parse_generate, parse_item
 from tests.support import write_step_dir

@@ -18,7 +18,7 @@ def write_step_dir(root: Path, step: int, model_dir: Path, *, perturb: float = 0
     perturbed by ``perturb * N(0, 1)`` so that a reload is observable."""
     import torch
 
-    from learner.modeling import load_model, load_tokenizer
+    from modeling import load_model, load_tokenizer
 
     model = load_model(model_dir)
     if perturb:

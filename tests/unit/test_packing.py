@@ -53,7 +53,7 @@ def _random_sequences(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
 
 @pytest.mark.parametrize("max_row_tokens", [24, 64, 4096])
 def test_packed_logprobs_equal_one_by_one(tiny_model_dir, max_row_tokens: int) -> None:
-    from learner.modeling import load_model
+    from modeling import load_model
 
     model = load_model(tiny_model_dir)
     seqs = _random_sequences(17, seed=max_row_tokens)
@@ -68,7 +68,7 @@ def test_packed_logprobs_equal_one_by_one(tiny_model_dir, max_row_tokens: int) -
 
 def test_without_the_position_reset_sequences_would_leak(tiny_model_dir) -> None:
     """Guards the test above: the same packed row with continuing positions differs (so it would fail)."""
-    from learner.modeling import load_model
+    from modeling import load_model
 
     model = load_model(tiny_model_dir)
     seqs = [([5, 6, 7], [8, 9, 10]), ([11, 12], [13, 14])]
@@ -82,7 +82,7 @@ def test_without_the_position_reset_sequences_would_leak(tiny_model_dir) -> None
 
 
 def test_with_grad_gives_gradients_and_padding_waste_is_small(tiny_model_dir) -> None:
-    from learner.modeling import load_model
+    from modeling import load_model
 
     model = load_model(tiny_model_dir)
     seqs = _random_sequences(64, seed=1)
