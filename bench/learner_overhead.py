@@ -30,7 +30,7 @@ from modeling import build_tiny_model, load_model
 
 
 def make_batch(n_groups: int, group_size: int, prompt_len: int, seed: int = 0) -> TrainBatch:
-    """NOTES.md's batch: prompts of 16 tokens, completions of 16..112 tokens (32 sequences, ~2.5k tokens)."""
+    """the reference batch: prompts of 16 tokens, completions of 16..112 tokens (32 sequences, ~2.5k tokens)."""
     rng = random.Random(seed)
     groups = []
     for g in range(n_groups):
@@ -114,7 +114,7 @@ def main() -> None:
     )
     if not trl_available():
         print(
-            "TRL: not importable in this environment; skipped (NOTES.md: TRL GRPOTrainer GSPO ~1.2x the bare padded step)"
+            "TRL: not importable in this environment; skipped (measured earlier: TRL GRPOTrainer GSPO ~1.2x the bare padded step)"
         )
 
 

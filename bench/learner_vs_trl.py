@@ -4,7 +4,7 @@
                                    [--hidden 256 --layers 4] [--threads 2]
 
 TRL lives in its own venv (``bash bench/setup_trl_venv.sh`` creates bench/.trl-venv), never in the
-project's. This script builds the tiny Qwen3 and NOTES.md's batch (4 groups x 8, prompt 16 tokens,
+project's. This script builds the tiny Qwen3 and the reference batch (4 groups x 8, prompt 16 tokens,
 completions 16..112), times ``Trainer.train_step`` here, writes the batch as JSON and runs
 bench/trl_peer.py with the TRL venv's python on the same model dir, batch and thread count; the peer
 times GRPOTrainer's training part alone (generation replaced by the fixed batch). Both sides do one

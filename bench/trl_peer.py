@@ -4,7 +4,7 @@ Runs INSIDE the TRL venv (bench/.trl-venv, made by bench/setup_trl_venv.sh), nev
 
     bench/.trl-venv/bin/python bench/trl_peer.py --model-dir DIR --batch batch.json [--steps 5] [--threads 2]
 
-GRPOConfig as NOTES.md: use_cpu, importance_sampling_level="sequence", loss_type="grpo", beta 0,
+GRPOConfig: use_cpu, importance_sampling_level="sequence", loss_type="grpo", beta 0,
 epsilon 3e-4 / epsilon_high 4e-4, fp32 (bf16 off), no activation checkpointing; the whole batch (all
 groups) is one optimizer step (per_device_train_batch_size = batch size, no gradient accumulation).
 Generation and scoring are replaced by a function returning the fixed batch, so the timed part is

@@ -1,4 +1,4 @@
-"""Staleness admission control for producers (DESIGN §5).
+"""Staleness admission control for producers (docs/architecture.md, "Admission control").
 
 A group admitted now, by a producer holding weights of version ``w``, is trained after every group
 admitted before it. ``v`` is the version the learner's *next* batch will be trained with (its

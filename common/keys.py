@@ -77,7 +77,7 @@ class RunKeys:
 
     @property
     def admitted_count(self) -> str:
-        """Counter of groups admitted by producers (admission control, DESIGN §5)."""
+        """Counter of groups admitted by producers (docs/architecture.md, "Admission control")."""
         return f"{self.prefix}:admitted"
 
     def admitted_group(self, group_id: str) -> str:

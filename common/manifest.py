@@ -1,4 +1,4 @@
-"""Checkpoint manifests (DESIGN §6): what a published step directory must contain, and its verification.
+"""Checkpoint manifests (docs/architecture.md, "Checkpoints"): what a published step directory must contain, and its verification.
 
 A step directory ``step_00000042/`` holds the HF files, ``trainer_state/``, ``manifest.json`` and,
 last, an empty ``STABLE`` marker. The manifest lists the sha256 of every other file. Producers and a

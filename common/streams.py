@@ -1,4 +1,4 @@
-"""The only module that issues Redis stream commands (DESIGN §4).
+"""The only module that issues Redis stream commands (docs/architecture.md, "Streams and keys").
 
 - groups are created idempotently (only BUSYGROUP is tolerated);
 - XADD carries an approximate MAXLEN (a safety cap; admission control keeps backlogs far below it);
@@ -28,7 +28,7 @@ from common.wire import DeadLetter, encode
 log = logging.getLogger(__name__)
 FIELD = b"m"  # every entry holds one field: the msgpack message
 T = TypeVar("T")
-# redis-py wraps socket failures in these two; nothing else is retried (DESIGN §4)
+# redis-py wraps socket failures in these two; nothing else is retried (docs/architecture.md, "Streams and keys")
 RETRYABLE = (RedisConnectionError, RedisTimeoutError)
 
 

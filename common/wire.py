@@ -1,4 +1,4 @@
-"""msgpack wire format: every message the services exchange (DESIGN §3).
+"""msgpack wire format: every message the services exchange (docs/architecture.md, "Wire format").
 
 Encoding is a msgpack map ``{"t": <type tag>, "v": WIRE_VERSION, ...fields}``. Token ids travel as
 little-endian int32 bytes and log-probs as little-endian float32 bytes (numpy ``tobytes`` /

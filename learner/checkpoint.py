@@ -1,4 +1,4 @@
-"""Publishing and restoring learner checkpoints (DESIGN §6), never with pickle.
+"""Publishing and restoring learner checkpoints (docs/architecture.md, "Checkpoints"), never with pickle.
 
 Layout of ``<root>/step_XXXXXXXX/``: HF files (``save_pretrained`` safetensors, config, generation
 config, tokenizer), ``trainer_state/`` and ``manifest.json``, then ``STABLE`` written last.

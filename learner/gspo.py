@@ -1,4 +1,4 @@
-"""GSPO policy loss with a decoupled, staleness-aware trust region (DESIGN §5).
+"""GSPO policy loss with a decoupled, staleness-aware trust region (docs/objective.md).
 
 Group Sequence Policy Optimization (Zheng et al. 2025, arXiv 2507.18071) clips one importance
 ratio per *sequence*, the length-normalised likelihood ratio (§4, eq. 5-7):
@@ -32,9 +32,9 @@ Tensor = torch.Tensor
 VARIANTS = ("gspo", "gspo_token", "grpo")
 IS_MODES = ("truncate", "mask", "none")
 
-# exp(10) ≈ 2.2e4: any log-ratio is clamped here before exp so that no mismatch overflows (DESIGN §5).
+# exp(10) ≈ 2.2e4: any log-ratio is clamped here before exp so that no mismatch overflows (docs/objective.md).
 MAX_LOG_RATIO = 10.0
-# Group-normalised advantage denominator guard (DESIGN §5).
+# Group-normalised advantage denominator guard (docs/objective.md).
 ADVANTAGE_STD_EPS = 1e-6
 
 
@@ -91,7 +91,7 @@ def group_advantages(rewards: Tensor, group_size: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks (each one line of DESIGN §5)
+# building blocks (each one line of docs/objective.md)
 
 
 def mean_log_ratio(numerator: Tensor, denominator: Tensor, mask: Tensor) -> Tensor:
@@ -187,7 +187,7 @@ def policy_loss(
     is_cap_decay: float = 1.0,
     loss_denominator: float | None = None,
 ) -> PolicyLossOutput:
-    """Decoupled, staleness-aware GSPO / GSPO-token / GRPO loss (DESIGN §5).
+    """Decoupled, staleness-aware GSPO / GSPO-token / GRPO loss (docs/objective.md).
 
     logprobs (B, T) current policy (with grad); proximal_logprobs (B, T) learner before this
     update; behavior_logprobs (B, T) inference engine; advantages (B,) or, for gspo_token/grpo,

@@ -2,7 +2,7 @@
 
 Each sequence keeps position ids 0..n-1 inside its row; with ``attention_mask=None`` and no KV
 cache, transformers turns the position-id resets into a block-diagonal causal mask, so packed
-sequences never attend to each other (NOTES.md; checked in tests/unit/test_packing.py). Rows are
+sequences never attend to each other (measured: see docs/architecture.md, "Packing"; checked in tests/unit/test_packing.py). Rows are
 padded at the end to the longest row; the padding is its own segment (positions restart at 0),
 so it is never attended to by real tokens either.
 """

@@ -5,7 +5,7 @@ trains the sequences ``i % world.size == rank`` of the (broadcast) batch, every 
 is divided by the number of valid sequences of the *whole* (mini)batch, and gradients are summed
 over ranks, so N ranks take exactly the 1-rank step (tests/integration/test_learner_ddp.py).
 
-Proximal log-probs (DESIGN §5): with one optimizer step per batch they are the detached values of
+Proximal log-probs (docs/objective.md): with one optimizer step per batch they are the detached values of
 the same forward (no extra pass); with n mini-batches, one no-grad pass before the first update;
 ``loss.proximal = "behaviour"`` uses the engine's log-probs instead (ablation). The model stays in
 eval mode (no dropout) so the recompute is deterministic.
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 # Rows of ~512 tokens: the packed-sequence mask is a full N×N per row, so moderate rows beat one
-# long row (NOTES.md: 6×512 0.62 s vs 1×2560 1.01 s for the same tokens).
+# long row (measured on a 2-core CPU: 6×512 0.62 s vs 1×2560 1.01 s for the same tokens).
 ROW_TOKENS = 512
 
-# gspo metric name -> namespaced JSONL name (DESIGN §5)
+# gspo metric name -> namespaced JSONL name (docs/objective.md)
 _METRIC_NAMES = {
     "clip_frac": "gspo/clip_frac", "clip_frac_low": "gspo/clip_frac_low", "clip_frac_high": "gspo/clip_frac_high",
     "seq_ratio_mean": "gspo/seq_ratio_mean", "seq_ratio_min": "gspo/seq_ratio_min", "seq_ratio_max": "gspo/seq_ratio_max",

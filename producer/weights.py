@@ -1,6 +1,6 @@
 """Following published checkpoints: read the announcement, verify it, and only then hand it to the engine.
 
-A checkpoint is loaded only if (DESIGN §6): it is STABLE, every file matches the manifest's sha256, the
+A checkpoint is loaded only if (docs/architecture.md, "Checkpoints"): it is STABLE, every file matches the manifest's sha256, the
 manifest's bytes match the announced ``manifest_sha256``, the manifest's version equals the announced
 one, and both the announced and the directory's model fingerprint equal the base model's (same
 vocabulary and architecture). A refused checkpoint is logged once and remembered; the producer keeps

@@ -1,4 +1,4 @@
-"""The engine interface the producer loop talks to (DESIGN §2).
+"""The engine interface the producer loop talks to (docs/architecture.md, "Engines").
 
 An engine samples ``n`` completions for each of a batch of tokenised prompts and returns, per
 sampled token, the behaviour log-prob: ``log_softmax(raw_logits / temperature)[token]``. top-p/top-k

@@ -2,7 +2,7 @@
 
 Log-probs come from the *raw* logits (``output_logits=True``), divided by the temperature and
 log-softmaxed, at the sampled token. The processed ``scores`` are not used: logits processors
-(EOS masking, top-k/top-p) shift them by up to nats (NOTES.md). top-k/top-p only restrict sampling.
+(EOS masking, top-k/top-p) shift them by up to nats (measured: up to 2.3 nats with min_new_tokens' EOS masking). top-k/top-p only restrict sampling.
 """
 
 from __future__ import annotations

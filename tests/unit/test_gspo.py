@@ -1,6 +1,6 @@
 """learner.gspo against hand computation (plain python/math), closed-form gradients and invariances.
 
-The reference functions here re-derive DESIGN §5 with floats and lists; they never call the
+The reference functions here re-derive docs/objective.md with floats and lists; they never call the
 module's internals.
 """
 
