@@ -118,6 +118,7 @@ class LearnerSettings(_Section):
     n_minibatches: int = Field(2, ge=1, le=64, description="optimizer steps per batch (the paper uses 4); >= 2 gives the clip band something to act on (README: staleness ablation)")
     micro_batch_tokens: int = Field(4096, ge=64, description="packed tokens per forward/backward chunk")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the initial model (0 = off)")
+    skip_zero_advantage: bool = Field(True, description="skip the forward/backward of sequences whose advantage is exactly 0 (kept in the loss denominator: same gradients; only with kl_coef = 0)")
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run until stopped)")
     publish_every: int = Field(1, ge=1, description="publish a checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, description="published checkpoints kept on disk")

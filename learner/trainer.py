@@ -82,9 +82,10 @@ def batch_advantages(batch: TrainBatch) -> tuple[Tensor, float]:
     return adv, tied / max(1, len(batch.group_sizes))
 
 
-def stat_keys(batch: TrainBatch) -> list[str]:
-    """Every stats key policy_loss can emit for this batch (same list on every rank)."""
-    valid = torch.tensor([n > 0 for n in batch.completion_lengths], dtype=torch.bool)
+def stat_keys(batch: TrainBatch, computed: Sequence[int] | None = None) -> list[str]:
+    """Every stats key policy_loss can emit for the ``computed`` sequences (same list on every rank)."""
+    chosen = set(range(len(batch)) if computed is None else computed)
+    valid = torch.tensor([n > 0 and i in chosen for i, n in enumerate(batch.completion_lengths)], dtype=torch.bool)
     buckets = sorted(int(k) for k in torch.unique(batch.staleness[valid]).tolist())
     return [f"{n}{tag}" for tag in ["", *(f"/k={k}" for k in buckets)] for n in _STAT_NAMES]
 
@@ -111,20 +112,34 @@ class Trainer:
         t0 = time.perf_counter()
         adv, frac_tied = batch_advantages(batch)
         lengths = batch.completion_lengths
-        mine = [i for i in range(len(batch)) if i % self.world.size == self.world.rank]
+        computed = self._computed(batch, adv)
+        mine = [i for i in computed if i % self.world.size == self.world.rank]
         prox = self._proximal(batch, mine)
         acc, mine_set = _Accumulator(), set(mine)
         for mb in _split(len(batch), self.settings.learner.n_minibatches):
+            # every valid sequence of the mini-batch counts, computed or skipped: the loss is their mean
             denominator = sum(1 for i in mb if lengths[i] > 0)
             if denominator == 0:
                 continue
             for micro in self._micro_batches(batch, [i for i in mb if i in mine_set]):
                 self._micro_step(batch, micro, adv, prox, denominator, acc)
             self._optimizer_step(acc)
-        metrics = self._metrics(batch, acc, stat_keys(batch))
+        metrics = self._metrics(batch, acc, stat_keys(batch, computed))
         metrics.update(_batch_metrics(batch, frac_tied))
+        metrics["sequences/skipped_zero_adv"] = float(len(batch) - len(computed))
+        metrics["tokens/real"] = float(sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)))
         metrics["time/train_s"] = time.perf_counter() - t0
         return metrics
+
+    def _computed(self, batch: TrainBatch, adv: Tensor) -> list[int]:
+        """Sequences that need a forward/backward. With A_i exactly 0 and no KL term, every variant's loss
+        term is -w·min(s·0, clip(s)·0) = 0 (s is finite: log-ratios are clamped before exp), so its gradient
+        is exactly 0; late in a run most groups are tied (frac_zero_std ~0.75 on the reference task). Those
+        sequences stay in the loss denominator, so the step is the same (tests/unit/test_zero_advantage.py)."""
+        everything = list(range(len(batch)))
+        if not self.settings.learner.skip_zero_advantage or self.ref_model is not None:
+            return everything
+        return [i for i in everything if float(adv[i]) != 0.0]
 
     def _micro_batches(self, batch: TrainBatch, idx: list[int]) -> list[list[int]]:
         sizes = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]
@@ -189,6 +204,9 @@ class Trainer:
         return per_seq.sum() / denominator
 
     def _optimizer_step(self, acc: _Accumulator) -> None:
+        for p in self.params:  # nothing computed on this rank (all skipped): a zero gradient, as computed
+            if p.grad is None:  # AdamW would skip a parameter whose grad is None (no decay, no moment update)
+                p.grad = torch.zeros_like(p)
         all_reduce_grads(self.world, self.model)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.learner.grad_clip)
         acc.grad_norms.append(float(norm))
