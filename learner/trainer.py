@@ -127,7 +127,7 @@ class Trainer:
         metrics = self._metrics(batch, acc, stat_keys(batch, computed))
         metrics.update(_batch_metrics(batch, frac_tied))
         metrics["sequences/skipped_zero_adv"] = float(len(batch) - len(computed))
-        metrics["tokens/real"] = float(sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)))
+        metrics["tokens/real"] = float(sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)))
         metrics["time/train_s"] = time.perf_counter() - t0
         return metrics
 
