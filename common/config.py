@@ -31,12 +31,19 @@ class _Section(BaseModel):
 
 
 class RedisSettings(_Section):
-    url: str = Field("", description="redis:// or rediss:// URL (user:password@ allowed); empty = embedded server in the run dir")
+    url: str = Field(
+        "",
+        description="redis:// or rediss:// URL (user:password@ allowed); empty = embedded server in the run dir",
+    )
     ca_file: str | None = Field(None, description="CA bundle for rediss:// (TLS)")
     cert_file: str | None = Field(None, description="client certificate for mutual TLS")
     key_file: str | None = Field(None, description="client key for mutual TLS")
-    retry_for_s: float = Field(120.0, ge=0, le=86_400, description="keep retrying a lost connection this long before failing")
-    socket_timeout_s: float = Field(30.0, gt=1, le=600, description="socket timeout; blocking reads use less than this")
+    retry_for_s: float = Field(
+        120.0, ge=0, le=86_400, description="keep retrying a lost connection this long before failing"
+    )
+    socket_timeout_s: float = Field(
+        30.0, gt=1, le=600, description="socket timeout; blocking reads use less than this"
+    )
 
     @field_validator("url")
     @classmethod
@@ -47,8 +54,12 @@ class RedisSettings(_Section):
 
 
 class SamplingSettings(_Section):
-    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs include it)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off (recommended for RL: log-probs stay exact)")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs include it)"
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="nucleus sampling; 1 = off (recommended for RL: log-probs stay exact)"
+    )
     top_k: int = Field(-1, ge=-1, description="top-k sampling; -1 = off")
     max_new_tokens: int = Field(16, ge=1, le=131_072, description="completion length cap")
 
@@ -56,9 +67,20 @@ class SamplingSettings(_Section):
 class PipelineSettings(_Section):
     group_size: int = Field(8, ge=2, le=1024, description="G: completions per prompt")
     batch_groups: int = Field(32, ge=1, le=100_000, description="B: groups per learner step")
-    max_staleness: int = Field(1, ge=0, le=1000, description="K: max policy versions between generation and training (0 = synchronous)")
-    prefill_min_groups: int = Field(8, ge=1, description="groups producers may make before any learner version exists")
-    rollouts_maxlen: int = Field(200_000, ge=1000, description="approximate cap of the rollouts stream (safety net; admission control bounds it first)")
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description="K: max policy versions between generation and training (0 = synchronous)",
+    )
+    prefill_min_groups: int = Field(
+        8, ge=1, description="groups producers may make before any learner version exists"
+    )
+    rollouts_maxlen: int = Field(
+        200_000,
+        ge=1000,
+        description="approximate cap of the rollouts stream (safety net; admission control bounds it first)",
+    )
     prompts_maxlen: int = Field(200_000, ge=1000, description="approximate cap of the prompts stream")
     dead_maxlen: int = Field(10_000, ge=100, description="approximate cap of the dead-letter stream")
 
@@ -74,36 +96,54 @@ class PipelineSettings(_Section):
 
 class ProducerSettings(_Section):
     engine: Literal["transformers", "sglang"] = Field("transformers", description="inference engine")
-    model: str = Field("", description="HF model directory the engine starts from (default: the run's base model)")
+    model: str = Field(
+        "", description="HF model directory the engine starts from (default: the run's base model)"
+    )
     sglang_url: str = Field("http://127.0.0.1:30000", description="SGLang server base URL (engine=sglang)")
     sglang_timeout_s: float = Field(600.0, gt=0, description="HTTP timeout of one /generate call")
     router_url: str | None = Field(None, description="sglang-router URL to register the SGLang server with")
     reload_mode: Literal["finish", "abort"] = Field(
-        "finish", description="on new weights: let in-flight requests finish on old weights (versions recorded) or abort and resubmit"
+        "finish",
+        description="on new weights: let in-flight requests finish on old weights (versions recorded) or abort and resubmit",
     )
     producer_id: str = Field("", description="unique id; empty = hostname-pid")
     prompts_per_call: int = Field(8, ge=1, le=4096, description="prompts batched into one engine call")
     device: str = Field("cpu", description="torch device of the transformers engine")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers engine dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="transformers engine dtype"
+    )
     seed: int = Field(0, ge=0, description="sampling seed (mixed with producer id)")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
     heartbeat_ttl_s: float = Field(15.0, gt=1, le=3600, description="heartbeat key TTL")
-    claim_idle_ms: int = Field(60_000, ge=100, description="reclaim prompts pending longer than this from dead producers")
+    claim_idle_ms: int = Field(
+        60_000, ge=100, description="reclaim prompts pending longer than this from dead producers"
+    )
     max_groups: int = Field(0, ge=0, description="stop after this many groups (0 = run until stopped)")
-    cache_dir: str = Field("", description="local cache of downloaded checkpoints; default RUN_DIR/checkpoint-cache")
+    cache_dir: str = Field(
+        "", description="local cache of downloaded checkpoints; default RUN_DIR/checkpoint-cache"
+    )
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
 
 
 class LossSettings(_Section):
-    variant: Literal["gspo", "gspo_token", "grpo"] = Field("gspo", description="objective (docs/objective.md)")
-    clip_low: float = Field(3e-4, gt=0, lt=1, description="ε_low of the sequence-ratio band (GSPO paper: 3e-4; GRPO: 0.2)")
+    variant: Literal["gspo", "gspo_token", "grpo"] = Field(
+        "gspo", description="objective (docs/objective.md)"
+    )
+    clip_low: float = Field(
+        3e-4, gt=0, lt=1, description="ε_low of the sequence-ratio band (GSPO paper: 3e-4; GRPO: 0.2)"
+    )
     clip_high: float = Field(4e-4, gt=0, le=10, description="ε_high (GSPO paper: 4e-4; GRPO: 0.27)")
-    clip_stale_scale: float = Field(0.0, ge=0, le=100, description="band widens by (1 + scale·k) for staleness k")
-    is_mode: Literal["truncate", "mask", "none"] = Field("truncate", description="behaviour correction of stale data")
+    clip_stale_scale: float = Field(
+        0.0, ge=0, le=100, description="band widens by (1 + scale·k) for staleness k"
+    )
+    is_mode: Literal["truncate", "mask", "none"] = Field(
+        "truncate", description="behaviour correction of stale data"
+    )
     is_cap: float = Field(2.0, ge=1, description="C(0): cap of the behaviour importance weight")
     is_cap_decay: float = Field(1.0, gt=0, le=1, description="C(k) = is_cap · is_cap_decay^k")
     proximal: Literal["recompute", "behaviour"] = Field(
-        "recompute", description="anchor of the ratio: the learner's recomputed policy, or the engine's log-probs (ablation)"
+        "recompute",
+        description="anchor of the ratio: the learner's recomputed policy, or the engine's log-probs (ablation)",
     )
 
 
@@ -113,28 +153,48 @@ class LearnerSettings(_Section):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
-    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR schedule after warm-up")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="LR schedule after warm-up"
+    )
     grad_clip: float = Field(1.0, gt=0, description="max global grad norm")
-    n_minibatches: int = Field(2, ge=1, le=64, description="optimizer steps per batch (the paper uses 4); >= 2 gives the clip band something to act on (README: staleness ablation)")
+    n_minibatches: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="optimizer steps per batch (the paper uses 4); >= 2 gives the clip band something to act on (README: staleness ablation)",
+    )
     micro_batch_tokens: int = Field(4096, ge=64, description="packed tokens per forward/backward chunk")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the initial model (0 = off)")
-    skip_zero_advantage: bool = Field(True, description="skip the forward/backward of sequences whose advantage is exactly 0 (kept in the loss denominator: same gradients; only with kl_coef = 0)")
+    skip_zero_advantage: bool = Field(
+        True,
+        description="skip the forward/backward of sequences whose advantage is exactly 0 (kept in the loss denominator: same gradients; only with kl_coef = 0)",
+    )
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run until stopped)")
     publish_every: int = Field(1, ge=1, description="publish a checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, description="published checkpoints kept on disk")
     checkpoint_dir: str = Field("", description="checkpoint root (default: RUN_DIR/checkpoints)")
-    checkpoint_url: str = Field("", description="fsspec URL (s3://bucket/prefix, gs://..., file:///shared/...) to upload published checkpoints to; producers download from it; '' = announce the local path")
-    wait_log_s: float = Field(30.0, gt=0, description="say that the learner is waiting for rollouts every N seconds")
+    checkpoint_url: str = Field(
+        "",
+        description="fsspec URL (s3://bucket/prefix, gs://..., file:///shared/...) to upload published checkpoints to; producers download from it; '' = announce the local path",
+    )
+    wait_log_s: float = Field(
+        30.0, gt=0, description="say that the learner is waiting for rollouts every N seconds"
+    )
     seed: int = Field(0, ge=0, description="torch seed")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
-    dataset: str = Field("addition", description="prompt source the learner keeps queued: a task name or a JSONL path; '' = none")
+    dataset: str = Field(
+        "addition",
+        description="prompt source the learner keeps queued: a task name or a JSONL path; '' = none",
+    )
     prompts_ahead: int = Field(4, ge=1, description="keep this many batches' worth of prompts queued")
     tensorboard: bool = Field(False, description="also write TensorBoard events")
 
 
 class Settings(_Section):
     run: str = Field("default", description="run id: namespaces every Redis key (gspo:{run}:...)")
-    run_dir: str = Field("runs/default", description="directory for metrics, checkpoints, logs, embedded Redis")
+    run_dir: str = Field(
+        "runs/default", description="directory for metrics, checkpoints, logs, embedded Redis"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     redis: RedisSettings = Field(default_factory=RedisSettings)
@@ -147,6 +207,18 @@ class Settings(_Section):
     @classmethod
     def _run(cls, v: str) -> str:
         return validate_run_name(v)
+
+    @model_validator(mode="after")
+    def _publish_within_staleness(self) -> Settings:
+        # producers generate with the last published weights; a group the learner needs for the step before the
+        # next publish is (publish_every - 1) versions behind, so admission control would refuse it forever
+        k, every = self.pipeline.max_staleness, self.learner.publish_every
+        if every > k + 1:
+            raise ValueError(
+                f"learner.publish_every={every} must be <= pipeline.max_staleness + 1 = {k + 1}: producers would "
+                f"hold weights too stale to generate anything admissible and the run would stall"
+            )
+        return self
 
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-able data with credentials removed (safe to log and save)."""
@@ -220,6 +292,9 @@ def _format_error(err: ValidationError, origins: dict) -> str:
         name = ".".join(loc) or "config"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        if e["type"] == "value_error" and not loc:  # a cross-section rule: its message names the fields
+            lines.append(f"{msg.removeprefix('Value error, ')} [from {where}]")
+            continue
         lines.append(f"{name}: {msg}{got} [from {where}]")
     return "invalid config: " + "; ".join(lines)
 
@@ -248,7 +323,13 @@ def load_settings(
             _set_path(tree, _env_path(name), _env_value(environ[name]), f"env {name}", origins)
     for dotted, v in (overrides or {}).items():
         if v is not None:
-            _set_path(tree, tuple(dotted.split(".")), v, f"flag --{dotted.split('.')[-1].replace('_', '-')}", origins)
+            _set_path(
+                tree,
+                tuple(dotted.split(".")),
+                v,
+                f"flag --{dotted.split('.')[-1].replace('_', '-')}",
+                origins,
+            )
     try:
         return Settings.model_validate(tree)
     except ValidationError as e:
@@ -256,7 +337,11 @@ def load_settings(
 
 
 # variables read by the CLI itself, not config fields
-_ENV_IGNORED = {"GSPO_CONFIG", "GSPO_REDIS_SERVER", "GSPO_SOAK_S"}  # REDIS_SERVER: find_redis_server; SOAK_S: tests/chaos
+_ENV_IGNORED = {
+    "GSPO_CONFIG",
+    "GSPO_REDIS_SERVER",
+    "GSPO_SOAK_S",
+}  # REDIS_SERVER: find_redis_server; SOAK_S: tests/chaos
 
 
 def save_settings(settings: Settings, path: Path) -> None:

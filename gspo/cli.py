@@ -31,7 +31,12 @@ app.add_typer(config_app, name="config")
 
 
 def _common(run, run_dir, redis_url, log_level) -> dict:
-    return {"run": run, "run_dir": str(run_dir) if run_dir else None, "redis.url": redis_url, "log_level": log_level}
+    return {
+        "run": run,
+        "run_dir": str(run_dir) if run_dir else None,
+        "redis.url": redis_url,
+        "log_level": log_level,
+    }
 
 
 @prompts_app.command("load")
@@ -42,14 +47,17 @@ def prompts_load(
     log_level: str = LogLevelOpt,
 ) -> None:  # fmt: skip
     """Enqueue prompts for the producers (ids derive from the file content: loading twice trains once)."""
+    from common.feeder import PromptsFull
     from common.tasks import TaskError
 
     if not file.exists():
         raise fail(f"prompt file {file} does not exist")
-    settings = prepare(config, _common(run, run_dir, redis_url, log_level), service="prompts", log_to_run_dir=False)
+    settings = prepare(
+        config, _common(run, run_dir, redis_url, log_level), service="prompts", log_to_run_dir=False
+    )
     try:
         n = asyncio.run(__import__("gspo.admin", fromlist=["x"]).load_prompts(settings, file, repeat))
-    except TaskError as e:
+    except (TaskError, PromptsFull) as e:
         raise fail(str(e)) from None
     typer.echo(f"enqueued {n} prompts on gspo:{settings.run}:prompts")
 
@@ -62,7 +70,13 @@ def status(
     """Live producers, learner version, stream backlogs, newest checkpoint."""
     from gspo.admin import collect_status
 
-    settings = prepare(config, _common(run, run_dir, redis_url, log_level), service="status", log_to_run_dir=False)
+    settings = prepare(
+        config,
+        _common(run, run_dir, redis_url, log_level),
+        service="status",
+        log_to_run_dir=False,
+        read_only=True,
+    )
     info = asyncio.run(collect_status(settings))
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -88,7 +102,9 @@ def _print_status(info: dict) -> None:
         s.add_row(name, str(v["length"]), str(v.get("backlog", "")), str(v.get("pending", "")))
     console.print(s)
     ck = info["latest_checkpoint"]
-    console.print(f"latest checkpoint: step {ck['step']} at {ck['path']}" if ck else "no checkpoint published yet")
+    console.print(
+        f"latest checkpoint: step {ck['step']} at {ck['path']}" if ck else "no checkpoint published yet"
+    )
 
 
 @redis_app.command("start")
@@ -126,7 +142,8 @@ def redis_url_cmd(run_dir: Path = RunDirOpt, config: Path = ConfigOpt) -> None:
 
 @config_app.command("show")
 def config_show(
-    config: Path = ConfigOpt, doc: bool = typer.Option(False, "--doc", help="list every field with default and meaning")
+    config: Path = ConfigOpt,
+    doc: bool = typer.Option(False, "--doc", help="list every field with default and meaning"),
 ) -> None:
     """Print the resolved configuration (credentials redacted)."""
     from common.config import describe_fields

@@ -13,7 +13,7 @@ import typer
 
 from common.config import ConfigError, Settings, load_settings, save_settings
 from common.logs import setup_logging
-from common.redis_conn import RedisUnavailable, check_reachable, ensure_embedded, redact_url
+from common.redis_conn import RedisUnavailable, check_reachable, ensure_embedded, redact_url, running_embedded
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,9 @@ ConfigOpt = typer.Option(None, "--config", "-c", envvar="GSPO_CONFIG", help="TOM
 RunOpt = typer.Option(None, "--run", help="run id (namespaces Redis keys) [default: default]")
 RunDirOpt = typer.Option(None, "--run-dir", help="run directory [default: runs/default]")
 RedisUrlOpt = typer.Option(
-    None, "--redis-url", help="redis:// or rediss:// URL; omitted = embedded Redis in the run dir (env GSPO_REDIS_URL)"
+    None,
+    "--redis-url",
+    help="redis:// or rediss:// URL; omitted = embedded Redis in the run dir (env GSPO_REDIS_URL)",
 )
 LogLevelOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
 
@@ -39,14 +41,25 @@ def settings_from(config: Path | None, overrides: dict[str, Any]) -> Settings:
 
 
 def prepare(
-    config: Path | None, overrides: dict[str, Any], *, service: str, need_redis: bool = True, log_to_run_dir: bool = True
+    config: Path | None,
+    overrides: dict[str, Any],
+    *,
+    service: str,
+    need_redis: bool = True,
+    log_to_run_dir: bool = True,
+    read_only: bool = False,
 ) -> Settings:
-    """Resolve settings, configure logging, and make sure ``settings.redis.url`` points at a live server."""
+    """Resolve settings, configure logging, and make sure ``settings.redis.url`` points at a live server.
+
+    ``read_only`` commands (``gspo status``) never create a run dir nor start an embedded server: without
+    ``--redis-url`` they need the run's embedded Redis to be running already."""
     settings = settings_from(config, overrides)
     log_file = Path(settings.run_dir) / "logs" / f"{service}.log" if log_to_run_dir else None
     setup_logging(settings.log_level, log_file, name=service)
     if need_redis:
         try:
+            if not settings.redis.url and read_only:
+                settings.redis.url = _running_embedded_or_fail(Path(settings.run_dir))
             if not settings.redis.url:
                 settings.redis.url = ensure_embedded(settings.run_dir)
                 log.info("using the run's embedded Redis at %s", settings.redis.url)
@@ -57,3 +70,15 @@ def prepare(
     if log_file is not None:  # what this process runs with, credentials redacted, next to its log
         save_settings(settings, log_file.parent / f"{service}.config.json")
     return settings
+
+
+def _running_embedded_or_fail(run_dir: Path) -> str:
+    if not run_dir.is_dir():
+        raise fail(f"run dir {run_dir} does not exist (pass the run's --run-dir, or --redis-url)")
+    url = running_embedded(run_dir)
+    if url is None:
+        raise fail(
+            f"the embedded Redis of {run_dir} is not running (the run has ended): start it with "
+            f"'gspo redis start --run-dir {run_dir}' to inspect the run, or pass --redis-url"
+        )
+    return url

@@ -166,3 +166,42 @@ def test_embedded_redis_start_url_stop(tmp_path):
         redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
     assert gspo("redis", "url", "--run-dir", run_dir, cwd=tmp_path).returncode == 1
     assert gspo("redis", "stop", "--run-dir", run_dir, cwd=tmp_path).stdout.strip() == "not running"
+
+
+def test_status_of_a_missing_run_dir_fails_without_creating_it_or_starting_redis(tmp_path):
+    r = gspo("status", "--run-dir", "nowhere", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: run dir nowhere does not exist (pass the run's --run-dir, or --redis-url)"
+    ]
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.redis
+def test_status_of_a_finished_run_leaves_no_server_behind(tmp_path):
+    """A run dir whose embedded Redis has stopped: status says so and starts nothing."""
+    assert gspo("redis", "start", "--run-dir", "done", cwd=tmp_path).returncode == 0
+    assert gspo("redis", "stop", "--run-dir", "done", cwd=tmp_path).stdout.strip() == "stopped"
+    r = gspo("status", "--run-dir", "done", cwd=tmp_path)
+    assert r.returncode == 2 and "is not running" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert gspo("redis", "url", "--run-dir", "done", cwd=tmp_path).returncode == 1  # still nothing running
+
+
+@pytest.mark.redis
+def test_prompts_load_never_trims_undelivered_prompts_and_refuses_past_capacity(tmp_path, redis_url, run_id):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[pipeline]\nprompts_maxlen = 1000\n")
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(1000)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"{i}+2=", "answer": str(i + 2)} for i in range(5)])
+    args = ("--redis-url", redis_url, "--run", run_id, "-c", str(cfg))
+    r = gspo("prompts", "load", str(a), *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"enqueued 1000 prompts on gspo:{run_id}:prompts"
+    assert len(stream_tasks(redis_url, run_id)) == 1000  # all of them: none trimmed by an approximate MAXLEN
+    r = gspo("prompts", "load", str(b), *args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and "holds 1000 entries; 5 more would exceed pipeline.prompts_maxlen=1000" in lines[0]
+    )
+    assert len(stream_tasks(redis_url, run_id)) == 1000
