@@ -88,23 +88,3 @@ class RunKeys:
     def prompt_cursor(self) -> str:
         """Hash: dataset position of the prompt feeder (so a resumed learner continues the dataset)."""
         return f"{self.prefix}:prompt_cursor"
-
-    def all_patterns(self) -> list[str]:
-        return [f"{self.prefix}:*"]
-
-
-def key_table(run: str = "{run}") -> list[tuple[str, str, str]]:
-    """(name, type, purpose) rows, used by ``gspo status --keys`` and the README."""
-    p = f"{PREFIX}:{run}"
-    return [
-        (f"{p}:prompts", "stream", "PromptTask; consumer group 'producers'"),
-        (f"{p}:rollouts", "stream", "RolloutGroup; consumer group 'learner'"),
-        (f"{p}:checkpoints", "stream", "CheckpointAnnouncement, newest last"),
-        (f"{p}:dead", "stream", "DeadLetter: original bytes + reason"),
-        (f"{p}:latest", "string", "newest CheckpointAnnouncement"),
-        (f"{p}:producers:<id>", "string+TTL", "ProducerHeartbeat of a live producer"),
-        (f"{p}:learner", "hash", "learner version / consumed groups / step"),
-        (f"{p}:admitted", "counter", "groups admitted (staleness admission control)"),
-        (f"{p}:admitted:<group>", "string+TTL", "group already admitted (reclaims are not re-counted)"),
-        (f"{p}:prompt_cursor", "hash", "dataset position of the prompt feeder"),
-    ]

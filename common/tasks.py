@@ -50,10 +50,6 @@ def get_reward(name: str) -> RewardFn:
     raise TaskError(f"unknown reward {name!r}; known: {sorted(_REGISTRY)} or 'module:function'")
 
 
-def reward_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 # --------------------------------------------------------------------------- rewards
 _NUM_RE = re.compile(r"-?\d+(?:\.\d+)?")
 

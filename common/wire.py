@@ -140,12 +140,6 @@ def _check_float(name: str, v: Any) -> float:
     return float(v)
 
 
-def _check_bool(name: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise WrongType(f"field {name!r}: expected bool, got {type(v).__name__}")
-    return v
-
-
 def _check_scalar(name: str, v: Any, limits: Limits) -> Any:
     if v is None or isinstance(v, (bool, int, str)):
         return _check_str(name, v, limits) if isinstance(v, str) else v
@@ -163,7 +157,9 @@ def _check_meta(name: str, v: Any, limits: Limits) -> dict[str, Any]:
         raise WrongType(f"field {name!r}: expected map, got {type(v).__name__}")
     if len(v) > limits.max_meta_items:
         raise TooLarge(f"field {name!r}: {len(v)} items exceeds {limits.max_meta_items}")
-    return {_check_str(f"{name} key", k, limits): _check_scalar(f"{name}.{k}", x, limits) for k, x in v.items()}
+    return {
+        _check_str(f"{name} key", k, limits): _check_scalar(f"{name}.{k}", x, limits) for k, x in v.items()
+    }
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -234,7 +230,9 @@ class Sample:
     finish_reason: str  # "stop" | "length" | "abort"
     version_start: int  # weight version that produced the first token
     version_end: int  # weight version that produced the last token
-    version_spans: tuple[tuple[int, int, int], ...] = ()  # (version, start, end) token spans when weights changed
+    version_spans: tuple[
+        tuple[int, int, int], ...
+    ] = ()  # (version, start, end) token spans when weights changed
     __eq__ = _value_eq
 
     def to_dict(self) -> dict[str, Any]:
@@ -493,7 +491,9 @@ def decode(raw: bytes, expect: type | None = None, limits: Limits = DEFAULT_LIMI
     d = _unpack(raw, limits)
     version = d.get("v")
     if version != WIRE_VERSION:
-        raise UnsupportedVersion(f"wire_version {version!r} is not supported (this build speaks {WIRE_VERSION})")
+        raise UnsupportedVersion(
+            f"wire_version {version!r} is not supported (this build speaks {WIRE_VERSION})"
+        )
     tag = d.get("t")
     cls = MESSAGE_TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:

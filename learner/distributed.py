@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from learner.batching import TENSOR_DTYPES, TrainBatch
+from learner.gspo import stat_kind
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +106,13 @@ def all_reduce_sum(world: World, values: list[float]) -> list[float]:
 
 
 def reduce_stats(world: World, stats: dict[str, float], keys: list[str]) -> dict[str, float]:
-    """merge_stats over ranks: "_min" stats take the min, "_max" the max, the rest sum.
+    """merge_stats over ranks, by the same rule (:func:`learner.gspo.stat_kind`).
 
     ``keys`` must be the same list on every rank (from the broadcast batch); missing keys count
     as empty."""
     if world.size == 1:
         return stats
-    kinds = [
-        "min"
-        if k.partition("/")[0].endswith("_min")
-        else "max"
-        if k.partition("/")[0].endswith("_max")
-        else "sum"
-        for k in keys
-    ]
+    kinds = [stat_kind(k) for k in keys]
     identity = {"min": float("inf"), "max": float("-inf"), "sum": 0.0}
     ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
     out: dict[str, float] = {}

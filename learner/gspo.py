@@ -298,7 +298,7 @@ def _sanitise_advantages(adv: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # metrics: raw stats (mergeable across micro-batches and ranks) -> python floats
 
-_STAT_NAMES = (
+STAT_NAMES = (
     "count",  # sequences with >= 1 response token
     "units",  # what the clip/weight act on: sequences (gspo, gspo_token) or tokens (grpo)
     "clip_low_count",
@@ -326,14 +326,14 @@ def _collect_stats(
         parts.append((f"/k={int(k)}", valid & (staleness == k), units.valid & (units.staleness == k)))
     values = [_selection_stats(units, seq_ratio, log_rho, rows, chosen) for _, rows, chosen in parts]
     flat = torch.stack([v.to(torch.float64) for part in values for v in part]).tolist()
-    keys = [f"{name}{tag}" for tag, _, _ in parts for name in _STAT_NAMES]
+    keys = [f"{name}{tag}" for tag, _, _ in parts for name in STAT_NAMES]
     return dict(zip(keys, flat, strict=True))
 
 
 def _selection_stats(
     units: _Units, seq_ratio: Tensor, log_rho: Tensor, rows: Tensor, chosen: Tensor
 ) -> list[Tensor]:
-    """Values of _STAT_NAMES, in order, over selected rows (B,) and selected units."""
+    """Values of STAT_NAMES, in order, over selected rows (B,) and selected units."""
     weight = units.weight
     return [
         rows.sum(),
@@ -357,20 +357,23 @@ def _masked_extreme(x: Tensor, chosen: Tensor, reduce, identity: float) -> Tenso
     return reduce(torch.cat([filled, filled.new_full((1,), identity)]))  # safe on empty input
 
 
+def stat_kind(key: str) -> str:
+    """How a raw stat combines across micro-batches and ranks: "min", "max" or "sum" (the one rule)."""
+    name = key.partition("/")[0]
+    return "min" if name.endswith("_min") else "max" if name.endswith("_max") else "sum"
+
+
+_COMBINE = {"min": min, "max": max, "sum": lambda a, b: a + b}
+
+
 def merge_stats(*parts: Mapping[str, float]) -> dict[str, float]:
-    """Combine stats of several calls (micro-batches, ranks): "_min" keys take the min, "_max"
-    keys the max, every other key sums. Keys missing from a part count as empty."""
+    """Combine stats of several calls (micro-batches, ranks) by :func:`stat_kind`. Keys missing from a
+    part count as empty."""
     merged: dict[str, float] = {}
     for part in parts:
         for key, value in part.items():
-            if key not in merged:
-                merged[key] = float(value)
-            elif key.partition("/")[0].endswith("_min"):
-                merged[key] = min(merged[key], float(value))
-            elif key.partition("/")[0].endswith("_max"):
-                merged[key] = max(merged[key], float(value))
-            else:
-                merged[key] = merged[key] + float(value)
+            v = float(value)
+            merged[key] = _COMBINE[stat_kind(key)](merged[key], v) if key in merged else v
     return merged
 
 

@@ -23,7 +23,7 @@ import torch
 from common.config import Settings
 from learner.batching import TrainBatch
 from learner.distributed import World, all_reduce_grads, all_reduce_sum, reduce_stats
-from learner.gspo import _STAT_NAMES, group_advantages, merge_stats, metrics_from_stats, policy_loss
+from learner.gspo import STAT_NAMES, group_advantages, merge_stats, metrics_from_stats, policy_loss
 from learner.logprobs import packed_logprobs, token_logprobs
 from learner.packing import plan_rows
 
@@ -87,7 +87,7 @@ def stat_keys(batch: TrainBatch, computed: Sequence[int] | None = None) -> list[
     chosen = set(range(len(batch)) if computed is None else computed)
     valid = torch.tensor([n > 0 and i in chosen for i, n in enumerate(batch.completion_lengths)], dtype=torch.bool)
     buckets = sorted(int(k) for k in torch.unique(batch.staleness[valid]).tolist())
-    return [f"{n}{tag}" for tag in ["", *(f"/k={k}" for k in buckets)] for n in _STAT_NAMES]
+    return [f"{n}{tag}" for tag in ["", *(f"/k={k}" for k in buckets)] for n in STAT_NAMES]
 
 
 class Trainer:
