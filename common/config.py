@@ -165,6 +165,10 @@ class LearnerSettings(_Section):
     )
     micro_batch_tokens: int = Field(4096, ge=64, description="packed tokens per forward/backward chunk")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the initial model (0 = off)")
+    truncated: Literal["score", "zero", "mask"] = Field(
+        "score",
+        description="completions cut at max_new_tokens (finish_reason 'length'): score as the reward says, reward 0, or mask from the loss (DAPO / TRL mask_truncated_completions)",
+    )
     skip_zero_advantage: bool = Field(
         True,
         description="skip the forward/backward of sequences whose advantage is exactly 0 (kept in the loss denominator: same gradients; only with kl_coef = 0)",

@@ -78,6 +78,9 @@ class TrainBatch:
     truncated: torch.Tensor  # (N,) bool: finish_reason == "length"
     group_sizes: list[int]
     group_ids: list[str] = field(default_factory=list)  # rank 0 only (metrics)
+    # (N,) bool, False drops a sequence from the loss (learner.truncated = "mask"); None keeps every one.
+    # Derived on every rank from ``truncated``, so it is not broadcast.
+    loss_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -85,6 +88,15 @@ class TrainBatch:
     @property
     def completion_lengths(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
+
+    @property
+    def loss_lengths(self) -> list[int]:
+        """Completion lengths as the loss sees them: 0 for a sequence the loss mask drops."""
+        if self.loss_mask is None:
+            return self.completion_lengths
+        return [
+            len(c) if bool(keep) else 0 for c, keep in zip(self.completion_ids, self.loss_mask, strict=True)
+        ]
 
     def sequences(self, idx: Sequence[int]) -> list[tuple[list[int], list[int]]]:
         return [(self.prompt_ids[i], self.completion_ids[i]) for i in idx]

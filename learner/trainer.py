@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -85,9 +86,22 @@ def batch_advantages(batch: TrainBatch) -> tuple[Tensor, float]:
 def stat_keys(batch: TrainBatch, computed: Sequence[int] | None = None) -> list[str]:
     """Every stats key policy_loss can emit for the ``computed`` sequences (same list on every rank)."""
     chosen = set(range(len(batch)) if computed is None else computed)
-    valid = torch.tensor([n > 0 and i in chosen for i, n in enumerate(batch.completion_lengths)], dtype=torch.bool)
+    valid = torch.tensor([n > 0 and i in chosen for i, n in enumerate(batch.loss_lengths)], dtype=torch.bool)
     buckets = sorted(int(k) for k in torch.unique(batch.staleness[valid]).tolist())
     return [f"{n}{tag}" for tag in ["", *(f"/k={k}" for k in buckets)] for n in STAT_NAMES]
+
+
+def apply_truncation_policy(batch: TrainBatch, policy: str) -> TrainBatch:
+    """``learner.truncated``: "score" keeps the reward of completions cut at max_new_tokens; "zero" sets it to
+    0 before the group advantages; "mask" keeps their reward in the group's advantages (as TRL does) but
+    drops them from the loss: their completion counts as empty, so they leave the denominator too."""
+    if policy == "score" or not bool(batch.truncated.any()):
+        return batch
+    if policy == "zero":
+        return replace(batch, rewards=torch.where(batch.truncated, 0.0, batch.rewards.to(torch.float64)))
+    if policy == "mask":
+        return replace(batch, loss_mask=~batch.truncated)
+    raise ValueError(f"learner.truncated must be score, zero or mask, got {policy!r}")
 
 
 class Trainer:
@@ -110,8 +124,9 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         t0 = time.perf_counter()
+        batch = apply_truncation_policy(batch, self.settings.learner.truncated)
         adv, frac_tied = batch_advantages(batch)
-        lengths = batch.completion_lengths
+        lengths = batch.loss_lengths
         computed = self._computed(batch, adv)
         mine = [i for i in computed if i % self.world.size == self.world.rank]
         prox = self._proximal(batch, mine)
@@ -126,20 +141,27 @@ class Trainer:
             self._optimizer_step(acc)
         metrics = self._metrics(batch, acc, stat_keys(batch, computed))
         metrics.update(_batch_metrics(batch, frac_tied))
-        metrics["sequences/skipped_zero_adv"] = float(len(batch) - len(computed))
-        metrics["tokens/real"] = float(sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)))
+        in_loss = sum(1 for n in lengths if n > 0)
+        metrics["sequences/skipped_zero_adv"] = float(in_loss - len(computed))
+        metrics["sequences/masked_truncated"] = float(
+            sum(1 for a, b in zip(batch.completion_lengths, lengths, strict=True) if a != b)
+        )
+        metrics["tokens/real"] = float(
+            sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True))
+        )
         metrics["time/train_s"] = time.perf_counter() - t0
         return metrics
 
     def _computed(self, batch: TrainBatch, adv: Tensor) -> list[int]:
-        """Sequences that need a forward/backward. With A_i exactly 0 and no KL term, every variant's loss
-        term is -w·min(s·0, clip(s)·0) = 0 (s is finite: log-ratios are clamped before exp), so its gradient
-        is exactly 0; late in a run most groups are tied (frac_zero_std ~0.75 on the reference task). Those
-        sequences stay in the loss denominator, so the step is the same (tests/unit/test_zero_advantage.py)."""
-        everything = list(range(len(batch)))
+        """Sequences that need a forward/backward: those in the loss, except tied ones. With A_i exactly 0 and
+        no KL term, every variant's loss term is -w·min(s·0, clip(s)·0) = 0 (s is finite: log-ratios are
+        clamped before exp), so its gradient is exactly 0; late in a run most groups are tied (frac_zero_std
+        ~0.75 on the reference task). Tied sequences stay in the loss denominator, so the step is the same
+        (tests/integration/test_zero_advantage.py)."""
+        in_loss = [i for i, n in enumerate(batch.loss_lengths) if n > 0]
         if not self.settings.learner.skip_zero_advantage or self.ref_model is not None:
-            return everything
-        return [i for i in everything if float(adv[i]) != 0.0]
+            return in_loss
+        return [i for i in in_loss if float(adv[i]) != 0.0]
 
     def _micro_batches(self, batch: TrainBatch, idx: list[int]) -> list[list[int]]:
         sizes = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]

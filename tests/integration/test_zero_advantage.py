@@ -1,9 +1,11 @@
-"""Skipping tied groups (advantage exactly 0) is training-equivalent: same loss, gradients and weights."""
+"""Sequences the step need not compute: tied groups (advantage exactly 0) are skipped with the same loss,
+gradients and weights; truncated completions follow learner.truncated (score, zero or mask)."""
 
 from __future__ import annotations
 
 import copy
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from learner.batching import build_batch
 from learner.trainer import Trainer
 from modeling import load_model
 from tests.integration.test_learner_step import one_by_one, settings
+
+# the tests wrap optimizer.step to read the gradients it sees
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
 
 def mixed_groups(
@@ -98,3 +103,58 @@ def test_an_all_tied_batch_still_steps_adamw_like_zero_gradients(tiny_model_dir)
     for name in w_full:
         assert torch.count_nonzero(g_full[name]) == 0 and torch.count_nonzero(g_skip[name]) == 0
         torch.testing.assert_close(w_skip[name], w_full[name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- learner.truncated
+def with_truncation(groups, truncated: set[tuple[int, int]]):
+    """The same groups with the (group, sample) pairs in ``truncated`` marked finish_reason 'length'."""
+    out = []
+    for gi, (g, k) in enumerate(groups):
+        samples = tuple(
+            replace(s, finish_reason="length") if (gi, si) in truncated else s
+            for si, s in enumerate(g.samples)
+        )
+        out.append((replace(g, samples=samples), k))
+    return out
+
+
+def test_truncated_mask_drops_those_sequences_from_the_loss_and_its_denominator(tiny_model_dir) -> None:
+    torch.manual_seed(0)
+    base = load_model(tiny_model_dir)
+    groups = mixed_groups(base)
+    cut = {(1, 0), (3, 1)}  # one sample in each untied group
+    masked = build_batch(with_truncation(groups, cut))
+    m_mask, g_mask, _ = step(copy.deepcopy(base), masked, skip=True, truncated="mask")
+    # the reference: the same batch with those completions emptied (an empty completion is outside the loss),
+    # advantages computed from the unchanged rewards
+    ref_batch = build_batch(groups)
+    flat = [gi * 4 + si for gi, si in sorted(cut)]
+    for i in flat:
+        ref_batch.completion_ids[i] = []
+        ref_batch.behaviour[i] = ref_batch.behaviour[i][:0]
+    m_ref, g_ref, _ = step(copy.deepcopy(base), ref_batch, skip=True)
+    assert m_mask["sequences/masked_truncated"] == 2
+    assert m_mask["loss"] == pytest.approx(m_ref["loss"], abs=1e-7)
+    for name in g_ref:
+        torch.testing.assert_close(g_mask[name], g_ref[name], rtol=1e-5, atol=1e-8, msg=name)
+    m_score, _, _ = step(copy.deepcopy(base), masked, skip=True, truncated="score")
+    assert m_score["sequences/masked_truncated"] == 0 and m_score["loss"] != pytest.approx(m_mask["loss"])
+
+
+def test_truncated_zero_sets_their_reward_to_0_before_the_advantages(tiny_model_dir) -> None:
+    torch.manual_seed(0)
+    base = load_model(tiny_model_dir)
+    groups = mixed_groups(base)
+    cut = {(0, 0), (0, 1)}  # a tied group (all 1.0) that two truncations untie
+    m_zero, g_zero, _ = step(
+        copy.deepcopy(base), build_batch(with_truncation(groups, cut)), skip=True, truncated="zero"
+    )
+    rewritten = []
+    for gi, (g, k) in enumerate(groups):
+        samples = tuple(replace(s, reward=0.0) if (gi, si) in cut else s for si, s in enumerate(g.samples))
+        rewritten.append((replace(g, samples=samples), k))
+    m_ref, g_ref, _ = step(copy.deepcopy(base), build_batch(rewritten), skip=True)
+    assert m_zero["frac_zero_std"] == m_ref["frac_zero_std"] == 0.25
+    assert m_zero["loss"] == pytest.approx(m_ref["loss"], abs=1e-7)
+    for name in g_ref:
+        torch.testing.assert_close(g_zero[name], g_ref[name], rtol=1e-5, atol=1e-8, msg=name)
