@@ -120,12 +120,16 @@ class StreamClient:
         return [_sid(x) for x in await self.call(go, f"XADD {stream} x{len(payloads)}")]
 
     # ------------------------------------------------------------------ reads
-    async def read(self, stream: str, group: str, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+    async def read(
+        self, stream: str, group: str, consumer: str, count: int, block_ms: int | None
+    ) -> list[Entry]:
         """New entries for ``consumer`` (``>``); ``block_ms=None`` does not block."""
 
         async def go():
             try:
-                return await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+                return await self.redis.xreadgroup(
+                    group, consumer, {stream: ">"}, count=count, block=block_ms
+                )
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
@@ -136,7 +140,9 @@ class StreamClient:
 
         return self._entries(await self.call(go, f"XREADGROUP {stream}"))
 
-    async def read_own_pending(self, stream: str, group: str, consumer: str, count: int, after: str = "0") -> list[Entry]:
+    async def read_own_pending(
+        self, stream: str, group: str, consumer: str, count: int, after: str = "0"
+    ) -> list[Entry]:
         """Entries delivered to ``consumer`` but not acked (its own history), oldest first, after ``after``."""
 
         async def go():
@@ -168,7 +174,9 @@ class StreamClient:
         """
 
         async def go():
-            return await self.redis.xautoclaim(stream, group, consumer, min_idle_ms, start_id=start, count=count)
+            return await self.redis.xautoclaim(
+                stream, group, consumer, min_idle_ms, start_id=start, count=count
+            )
 
         reply = await self.call(go, f"XAUTOCLAIM {stream}")
         cursor = _sid(reply[0])
@@ -189,8 +197,9 @@ class StreamClient:
         end = "+" if cursor == "0-0" else f"({cursor}"
 
         async def go() -> list[str]:
-            rows = await self.redis.xpending_range(stream, group, min=start, max=end, count=max(4 * count, 100),
-                                                   consumername=consumer)  # fmt: skip
+            rows = await self.redis.xpending_range(
+                stream, group, min=start, max=end, count=max(4 * count, 100), consumername=consumer
+            )
             ids = [_sid(r["message_id"]) for r in rows]
             pipe = self.redis.pipeline(transaction=False)
             for i in ids:
@@ -215,14 +224,25 @@ class StreamClient:
         return await self.call(go, f"XACK {stream} x{len(ids)}")
 
     async def dead_letter(
-        self, dead_stream: str, source_stream: str, group: str, entry: Entry, reason: str, detail: str,
-        consumer: str, maxlen: int,
-    ) -> None:  # fmt: skip
+        self,
+        dead_stream: str,
+        source_stream: str,
+        group: str,
+        entry: Entry,
+        reason: str,
+        detail: str,
+        consumer: str,
+        maxlen: int,
+    ) -> None:
         """Copy the original bytes with the reason to the dead stream, then ack the source entry."""
         letter = DeadLetter(
-            source_stream=source_stream, entry_id=entry.id, reason=reason, detail=detail[:2000],
-            payload=entry.payload or b"", consumer=consumer,
-        )  # fmt: skip
+            source_stream=source_stream,
+            entry_id=entry.id,
+            reason=reason,
+            detail=detail[:2000],
+            payload=entry.payload or b"",
+            consumer=consumer,
+        )
         await self.append(dead_stream, encode(letter), maxlen)
         await self.ack(source_stream, group, [entry.id])
         log.warning("dead-lettered %s %s: %s: %s", source_stream, entry.id, reason, detail[:300])
@@ -240,6 +260,21 @@ class StreamClient:
                     return 0
                 raise
             return int(info["pending"] if isinstance(info, dict) else info[0])
+
+        return await self.call(go, f"XPENDING {stream}")
+
+    async def oldest_pending(self, stream: str, group: str) -> str | None:
+        """The id of ``group``'s oldest pending entry; None when nothing is pending (or no such group)."""
+
+        async def go():
+            try:
+                info = await self.redis.xpending(stream, group)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    return None
+                raise
+            oldest = info.get("min") if isinstance(info, dict) else info[1]
+            return None if oldest is None else _sid(oldest)
 
         return await self.call(go, f"XPENDING {stream}")
 
@@ -284,16 +319,12 @@ class StreamClient:
 
     async def trim_before(self, stream: str, min_id: str) -> int:
         """Drop entries older than ``min_id`` (only ids that are already acked are ever passed)."""
-        return int(await self.call(lambda: self.redis.xtrim(stream, minid=min_id, approximate=False), f"XTRIM {stream}"))
+        return int(
+            await self.call(
+                lambda: self.redis.xtrim(stream, minid=min_id, approximate=False), f"XTRIM {stream}"
+            )
+        )
 
     async def latest_entries(self, stream: str, count: int = 1) -> list[Entry]:
         reply = await self.call(lambda: self.redis.xrevrange(stream, count=count), f"XREVRANGE {stream}")
         return [_entry(i, f) for i, f in reply]
-
-    async def read_after(self, stream: str, last_id: str, count: int, block_ms: int | None) -> list[Entry]:
-        """Plain XREAD (no group): used to follow the checkpoints stream."""
-
-        async def go():
-            return await self.redis.xread({stream: last_id}, count=count, block=block_ms)
-
-        return self._entries(await self.call(go, f"XREAD {stream}"))
