@@ -25,8 +25,9 @@ from common.redis_conn import RedisServer, connect_async
 from common.streams import StreamClient
 from common.tasks import addition_rows
 from modeling import build_tiny_model
+from producer.assembly import build_producer
 from producer.engines.hf import HFEngine
-from producer.service import build_producer, sampling_from
+from producer.generate import sampling_from
 
 SEED = 1234
 

@@ -29,7 +29,9 @@ def _default_model(run_dir: Path, target_reward: float, seed: int) -> Path:
     build_tiny_model(run_dir / "init-model", seed=seed)
     result = warm_start(run_dir / "init-model", path, target_reward=target_reward, seed=seed)
     marker.write_text(json.dumps({"steps": result.steps, "sampled_reward": result.sampled_reward}))
-    typer.echo(f"warm-start done: {result.steps} supervised steps, sampled reward {result.sampled_reward:.3f}")
+    typer.echo(
+        f"warm-start done: {result.steps} supervised steps, sampled reward {result.sampled_reward:.3f}"
+    )
     return path
 
 
@@ -38,19 +40,28 @@ def up(
     producers: int = typer.Option(1, "--producers", "-n", min=0, help="producer processes to start"),
     max_steps: int = typer.Option(None, "--max-steps", help="stop after this many learner steps"),
     minutes: float = typer.Option(None, "--minutes", help="stop after this many minutes"),
-    model: str = typer.Option(None, "--model", help="HF model dir [default: the reference task's tiny model]"),
+    model: str = typer.Option(
+        None, "--model", help="HF model dir [default: the reference task's tiny model]"
+    ),
     redis_url: str = RedisUrlOpt,
     run: str = RunOpt,
     max_staleness: int = typer.Option(None, "--max-staleness", "-K"),
-    warmstart_reward: float = typer.Option(0.2, "--warmstart-reward", help="target sampled reward of the warm-start"),
+    warmstart_reward: float = typer.Option(
+        0.2, "--warmstart-reward", help="target sampled reward of the warm-start"
+    ),
     config: Path = ConfigOpt,
     log_level: str = LogLevelOpt,
 ) -> None:
     """Run the whole pipeline locally: Redis (embedded unless --redis-url), a learner and N producers,
     each a separate process started with the same commands a cluster uses. Ctrl-C stops cleanly."""
 
-    overrides = {"run_dir": str(run_dir) if run_dir else None, "redis.url": redis_url, "run": run,
-                 "log_level": log_level, "pipeline.max_staleness": max_staleness}  # fmt: skip
+    overrides = {
+        "run_dir": str(run_dir) if run_dir else None,
+        "redis.url": redis_url,
+        "run": run,
+        "log_level": log_level,
+        "pipeline.max_staleness": max_staleness,
+    }
     from common.redis_conn import running_embedded, stop_embedded
 
     # whether this command starts (and so must stop) the run's embedded Redis
@@ -69,16 +80,24 @@ def _up(settings, config, producers, max_steps, minutes, model, warmstart_reward
     from ops.report import format_summary, plot_runs, summarize
 
     rd = Path(settings.run_dir).resolve()
-    model_dir = Path(model).resolve() if model else _default_model(rd, warmstart_reward, settings.learner.seed)
+    model_dir = (
+        Path(model).resolve() if model else _default_model(rd, warmstart_reward, settings.learner.seed)
+    )
     if not (model_dir / "config.json").exists():
         raise fail(f"model directory {model_dir} does not exist or has no config.json")
     (rd / "config.json").write_text(json.dumps(settings.redacted(), indent=2))
-    extra = ["--max-staleness", str(settings.pipeline.max_staleness)]
+    # K and B go to the learner alone: producers take them from the learner-state hash it publishes
+    learner_args = ["--max-staleness", str(settings.pipeline.max_staleness)]
+    if max_steps:
+        learner_args += ["--max-steps", str(max_steps)]
     cluster = LocalCluster(
-        run=settings.run, run_dir=rd, redis_url=settings.redis.url, model=str(model_dir),
+        run=settings.run,
+        run_dir=rd,
+        redis_url=settings.redis.url,
+        model=str(model_dir),
         config_file=str(config) if config else None,
-        learner_args=extra + (["--max-steps", str(max_steps)] if max_steps else []), producer_args=extra,
-    )  # fmt: skip
+        learner_args=learner_args,
+    )
     cluster.start_learner()
     for _ in range(producers):
         cluster.add_producer()
@@ -110,8 +129,9 @@ def _watch(cluster, run_dir: Path, minutes: float | None) -> str:
                 f"step {r.get('step'):>5}  reward {r.get('reward/mean', float('nan')):.3f}  "
                 f"staleness {r.get('staleness/mean', float('nan')):.2f}  "
                 f"tok/s {r.get('throughput/tokens_per_s', float('nan')):.0f}  "
-                f"producers {len(cluster.live_producers())}", flush=True,
-            )  # fmt: skip
+                f"producers {len(cluster.live_producers())}",
+                flush=True,
+            )
             last_print = time.monotonic()
         if interrupted:
             return "interrupted"

@@ -46,8 +46,8 @@ class LocalCluster:
     _next_id: int = 0
 
     def _base(self, service: str) -> list[str]:
-        cmd = [sys.executable, "-m", "gspo", service, "--redis-url", self.redis_url, "--run", self.run,
-               "--run-dir", str(self.run_dir), "--model", self.model]  # fmt: skip
+        cmd = [sys.executable, "-m", "gspo", service, "--redis-url", self.redis_url, "--run", self.run]
+        cmd += ["--run-dir", str(self.run_dir), "--model", self.model]
         if self.config_file:
             cmd += ["--config", self.config_file]
         return cmd
@@ -58,8 +58,14 @@ class LocalCluster:
         env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         env.pop("GSPO_REDIS_URL", None)  # the URL travels as a flag (never printed: logs redact it)
         out = log_path.open("ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         out.close()
         log.info("started %s (pid %d), output in %s", name, proc.pid, log_path)
         return Child(name, proc, log_path)

@@ -103,7 +103,7 @@ def summarize(run_dir: Path) -> dict:
         "reward_start": avg("reward/mean", head),
         "reward_end": avg("reward/mean", tail),
         "tokens_per_s": avg("throughput/tokens_per_s", rows),
-        "clip_frac": avg("gspo/clip_frac", rows),
+        "gspo/clip_frac": avg("gspo/clip_frac", rows),  # the metrics.jsonl name (prom: gspo_clip_frac)
         "staleness_mean": avg("staleness/mean", rows),
         "dropped_stale": sum(int(r.get("staleness/dropped", 0) or 0) for r in rows),
     }
@@ -112,6 +112,8 @@ def summarize(run_dir: Path) -> dict:
 def format_summary(s: dict) -> str:
     if not s.get("steps"):
         return f"{s['run_dir']}: no steps recorded"
-    return (f"{s['run_dir']}: {s['steps']} steps in {s['wall_s']} s; reward {s['reward_start']} -> {s['reward_end']}; "
-            f"{s['tokens_per_s']} tok/s; clip_frac {s['clip_frac']}; staleness {s['staleness_mean']} "
-            f"(dropped {s['dropped_stale']})")  # fmt: skip
+    return (
+        f"{s['run_dir']}: {s['steps']} steps in {s['wall_s']} s; reward {s['reward_start']} -> {s['reward_end']}; "
+        f"{s['tokens_per_s']} tok/s; gspo/clip_frac {s['gspo/clip_frac']}; staleness {s['staleness_mean']} "
+        f"(dropped {s['dropped_stale']})"
+    )

@@ -20,10 +20,6 @@ def producer(
     group_size: int = typer.Option(None, "--group-size", "-G", help="completions per prompt"),
     producer_id: str = typer.Option(None, "--producer-id", help="unique id [default: host-pid]"),
     max_groups: int = typer.Option(None, "--max-groups", help="exit after this many groups"),
-    max_staleness: int = typer.Option(None, "--max-staleness", help="K of the admission bound"),
-    batch_groups: int = typer.Option(
-        None, "--batch-groups", help="B: groups per learner step (admission bound)"
-    ),
     temperature: float = typer.Option(None, "--temperature"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens"),
     reload_mode: str = typer.Option(
@@ -43,17 +39,31 @@ def producer(
     config: Path = ConfigOpt,
     log_level: str = LogLevelOpt,
 ) -> None:
-    """Run one producer (one per generation host). SIGTERM drains in-flight work, then exits 0."""
+    """Run one producer (one per generation host). SIGTERM drains in-flight work, then exits 0.
+
+    K (max_staleness) and B (batch_groups) come from the learner (its learner-state hash); G must equal
+    the learner's."""
     overrides = {
-        "redis.url": redis_url, "run": run, "run_dir": str(run_dir) if run_dir else None, "log_level": log_level,
-        "metrics_port": metrics_port, "producer.engine": engine, "producer.sglang_url": sglang_url,
-        "producer.model": model, "pipeline.group_size": group_size, "producer.producer_id": producer_id,
-        "producer.max_groups": max_groups, "pipeline.max_staleness": max_staleness,
-        "pipeline.batch_groups": batch_groups, "producer.sampling.temperature": temperature,
-        "producer.sampling.max_new_tokens": max_new_tokens, "producer.reload_mode": reload_mode,
-        "producer.device": device, "producer.threads": threads, "producer.prompts_per_call": prompts_per_call,
-        "producer.claim_idle_ms": claim_idle_ms, "producer.seed": seed,
-    }  # fmt: skip
+        "redis.url": redis_url,
+        "run": run,
+        "run_dir": str(run_dir) if run_dir else None,
+        "log_level": log_level,
+        "metrics_port": metrics_port,
+        "producer.engine": engine,
+        "producer.sglang_url": sglang_url,
+        "producer.model": model,
+        "pipeline.group_size": group_size,
+        "producer.producer_id": producer_id,
+        "producer.max_groups": max_groups,
+        "producer.sampling.temperature": temperature,
+        "producer.sampling.max_new_tokens": max_new_tokens,
+        "producer.reload_mode": reload_mode,
+        "producer.device": device,
+        "producer.threads": threads,
+        "producer.prompts_per_call": prompts_per_call,
+        "producer.claim_idle_ms": claim_idle_ms,
+        "producer.seed": seed,
+    }
     settings = prepare(config, overrides, service="producer")
     from producer.service import main  # heavy: torch / transformers / httpx
 

@@ -115,10 +115,20 @@ class SGLangEngine(Engine):
     name = "sglang"
 
     def __init__(
-        self, base_url: str, *, fingerprint: str, timeout_s: float = 600.0, connect_timeout_s: float = 10.0,
-        retries: int = 3, backoff_s: float = 0.5, reload_mode: str = "finish", router_url: str | None = None,
-        startup_timeout_s: float = 600.0, max_resubmits: int = 3, version: int = 0,
-    ):  # fmt: skip
+        self,
+        base_url: str,
+        *,
+        fingerprint: str,
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        reload_mode: str = "finish",
+        router_url: str | None = None,
+        startup_timeout_s: float = 600.0,
+        max_resubmits: int = 3,
+        version: int = 0,
+    ):
         self.base_url = base_url.rstrip("/")
         self.fingerprint = fingerprint
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
@@ -210,8 +220,13 @@ class SGLangEngine(Engine):
 
     # ------------------------------------------------------------------ generation
     def _payload(self, prompts: list[list[int]], n: int, s: SamplingParams) -> dict:
-        params: dict[str, Any] = {"n": n, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-                                  "max_new_tokens": s.max_new_tokens}  # fmt: skip
+        params: dict[str, Any] = {
+            "n": n,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "max_new_tokens": s.max_new_tokens,
+        }
         if s.stop_token_ids:
             params["stop_token_ids"] = list(s.stop_token_ids)
         return {
@@ -258,8 +273,12 @@ class SGLangEngine(Engine):
     async def load_weights(self, path: str, version: int) -> None:
         """``/update_weights_from_disk``; with reload_mode "finish" SGLang lets running requests finish first."""
         t0 = time.monotonic()
-        body = {"model_path": str(path), "weight_version": str(version), "flush_cache": True,
-                "abort_all_requests": self.reload_mode == "abort"}  # fmt: skip
+        body = {
+            "model_path": str(path),
+            "weight_version": str(version),
+            "flush_cache": True,
+            "abort_all_requests": self.reload_mode == "abort",
+        }
         answer = await self._request("POST", f"{self.base_url}/update_weights_from_disk", json=body)
         if not isinstance(answer, dict) or not answer.get("success"):
             raise SGLangError(f"SGLang refused to load {path}: {str(answer)[:200]}")

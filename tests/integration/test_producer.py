@@ -26,10 +26,17 @@ from tests.support import announce, write_step_dir
 
 def make_settings(redis_url: str, run_id: str, run_dir: Path, model_dir: Path, **over) -> Settings:
     base = {
-        "redis.url": redis_url, "run": run_id, "run_dir": str(run_dir), "producer.model": str(model_dir),
-        "producer.producer_id": "p1", "pipeline.group_size": 4, "producer.sampling.max_new_tokens": 6,
-        "producer.prompts_per_call": 2, "pipeline.batch_groups": 64, "producer.claim_idle_ms": 60_000,
-    }  # fmt: skip
+        "redis.url": redis_url,
+        "run": run_id,
+        "run_dir": str(run_dir),
+        "producer.model": str(model_dir),
+        "producer.producer_id": "p1",
+        "pipeline.group_size": 4,
+        "producer.sampling.max_new_tokens": 6,
+        "producer.prompts_per_call": 2,
+        "pipeline.batch_groups": 64,
+        "producer.claim_idle_ms": 60_000,
+    }
     base.update(over)
     return load_settings(None, base, env={})
 
@@ -185,8 +192,13 @@ async def test_pacing_admits_the_bound_then_waits_for_learner_and_weights(
     would be 2 versions stale); new weights (version 1) free exactly 2 more. Staleness <= K throughout."""
     keys = RunKeys(run_id)
     await put_prompts(aredis, run_id, [(i, i) for i in range(10)])
-    over = {"pipeline.max_staleness": 1, "pipeline.batch_groups": 2, "pipeline.prefill_min_groups": 1,
-            "producer.prompts_per_call": 1, "pipeline.rollouts_maxlen": 1000}  # fmt: skip
+    over = {
+        "pipeline.max_staleness": 1,
+        "pipeline.batch_groups": 2,
+        "pipeline.prefill_min_groups": 1,
+        "producer.prompts_per_call": 1,
+        "pipeline.rollouts_maxlen": 1000,
+    }
     settings = make_settings(redis_url, run_id, tmp_path, tiny_model_dir, **over)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
@@ -310,8 +322,9 @@ async def test_metrics_reach_prometheus_and_the_jsonl_file(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-    assert 'gspo_producer_groups_total{producer="p1"} 2.0' in text
-    assert 'gspo_producer_weight_version{producer="p1"} 0.0' in text
+    # served from common/prom.py's producer registry (Prometheus adds the instance label)
+    assert "gspo_producer_groups_total 2.0" in text and "gspo_producer_weight_version 0.0" in text
+    assert "gspo_learner_step" not in text
     rows = [json.loads(x) for x in (tmp_path / "metrics" / "producer-p1.jsonl").read_text().splitlines()]
     assert rows[-1]["groups_total"] == 2 and rows[-1]["samples_total"] == 8
 

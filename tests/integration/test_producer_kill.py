@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def start_producer(redis_url: str, run_id: str, model: Path, pid: str, run_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gspo", "producer", "--redis-url", redis_url, "--run", run_id, "--model", str(model),
-           "--producer-id", pid, "--claim-idle-ms", "1500", "--prompts-per-call", "2", "-G", "2",
-           "--max-new-tokens", "48", "--threads", "1", "--max-staleness", "10", "--batch-groups", "64",
-           "--run-dir", str(run_dir), "--log-level", "INFO"]  # fmt: skip
+    cmd = [sys.executable, "-m", "gspo", "producer", "--redis-url", redis_url, "--run", run_id]
+    cmd += ["--model", str(model), "--producer-id", pid, "--claim-idle-ms", "1500", "--prompts-per-call", "2"]
+    cmd += ["-G", "2", "--max-new-tokens", "48", "--threads", "1", "--run-dir", str(run_dir)]
+    cmd += ["--log-level", "INFO"]
     log = (run_dir / f"{pid}.stderr").open("wb")
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -35,8 +35,8 @@ def start_producer(redis_url: str, run_id: str, model: Path, pid: str, run_dir: 
 
 
 async def group_ids(aredis, keys: RunKeys) -> list[tuple[str, str]]:
-    return [(g.group_id, g.producer_id) for g in
-            (decode(f[b"m"], RolloutGroup) for _, f in await aredis.xrange(keys.rollouts))]  # fmt: skip
+    entries = await aredis.xrange(keys.rollouts)
+    return [(g.group_id, g.producer_id) for g in (decode(f[b"m"], RolloutGroup) for _, f in entries)]
 
 
 async def until(predicate, timeout_s: float, what: str) -> None:
@@ -53,6 +53,8 @@ async def test_kill_9_of_one_producer_loses_no_prompt(redis_url, run_id, aredis,
     streams = StreamClient(aredis)
     rows = [(f"task-{i:03d}", addition_prompt(i, 99 - i)) for i in range(60)]
     await enqueue(streams, keys, rows, maxlen=10_000)
+    # the pipeline shape a learner publishes (no learner here): producers bound admission by it
+    await aredis.hset(keys.learner_state, mapping={"max_staleness": 10, "batch_groups": 64, "group_size": 2})
     pa = start_producer(redis_url, run_id, tiny_model_dir, "pA", tmp_path)
     pb = start_producer(redis_url, run_id, tiny_model_dir, "pB", tmp_path)
     try:

@@ -1,23 +1,12 @@
-"""common/prom.py: the /metrics endpoint shows what learner_observe / producer_observe were given."""
+"""common/prom.py: each service's /metrics endpoint shows what learner_observe / producer_observe were given."""
 
 from __future__ import annotations
-
-import socket
 
 import httpx
 import pytest
 
 from common import prom
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sample(name: str) -> float | None:
-    return prom.REGISTRY.get_sample_value(name)
+from common.redis_conn import free_port
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -31,79 +20,110 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    port = _free_port()
-    assert prom.start_metrics_server(port, addr="127.0.0.1") is True
-    return port
+def ports():
+    servers = {s: (free_port(), None) for s in ("learner", "producer")}
+    for service, (port, _) in servers.items():
+        servers[service] = (port, prom.start_metrics_server(port, addr="127.0.0.1", service=service))
+    yield {service: port for service, (port, _) in servers.items()}
+    for _, server in servers.values():
+        server.shutdown()
+        server.server_close()
 
 
-def test_port_zero_or_negative_starts_nothing():
-    assert prom.start_metrics_server(0) is False
-    assert prom.start_metrics_server(-1) is False
+def test_port_zero_starts_nothing():
+    assert prom.start_metrics_server(0) is None
+    assert prom.start_metrics_server(0, service="producer") is None
 
 
-def test_learner_row_appears_on_the_endpoint(metrics_port):
+def test_learner_row_appears_on_the_learner_endpoint(ports):
     row = {
-        "step": 42, "reward/mean": 0.625, "reward/std": 0.25, "gspo/clip_frac": 0.125, "staleness/mean": 1.5,
-        "staleness/max": 3, "staleness/dropped": 2, "is/ess": 0.875, "throughput/tokens_per_s": 12345.5,
-        "throughput/groups_per_s": 7.25, "stream/backlog": 96, "stream/pending": 32, "weights/publish_s": 4.5,
-        "staleness/hist": [1, 2, 3], "loss": 0.01,
-    }  # fmt: skip
+        "step": 42,
+        "reward/mean": 0.625,
+        "reward/std": 0.25,
+        "gspo/clip_frac": 0.125,
+        "staleness/mean": 1.5,
+        "staleness/max": 3,
+        "staleness/dropped": 2,
+        "is/ess": 0.875,
+        "throughput/tokens_per_s": 12345.5,
+        "throughput/groups_per_s": 7.25,
+        "stream/backlog": 96,
+        "stream/pending": 32,
+        "weights/publish_s": 4.5,
+        "staleness/hist": [1, 2, 3],
+        "loss": 0.01,
+    }
     prom.learner_observe(row)
-    got = _scrape(metrics_port)
-    assert got["gspo_learner_step"] == 42
-    assert got["gspo_reward_mean"] == 0.625
-    assert got["gspo_reward_std"] == 0.25
-    assert got["gspo_clip_frac"] == 0.125
-    assert got["gspo_staleness_mean"] == 1.5
-    assert got["gspo_staleness_max"] == 3
-    assert got["gspo_staleness_dropped"] == 2
-    assert got["gspo_is_ess"] == 0.875
-    assert got["gspo_learner_tokens_per_second"] == 12345.5
-    assert got["gspo_learner_groups_per_second"] == 7.25
-    assert got["gspo_rollouts_backlog"] == 96
-    assert got["gspo_rollouts_pending"] == 32
-    assert got["gspo_weight_publish_seconds"] == 4.5
+    got = _scrape(ports["learner"])
+    want = {prom.LEARNER_KEYS[k].name: float(v) for k, v in row.items() if k in prom.LEARNER_KEYS}
+    assert got == want  # every learner metric, and nothing of the producers
 
 
-def test_keys_missing_from_a_row_keep_their_last_value(metrics_port):
+def test_keys_missing_from_a_row_keep_their_last_value(ports):
     prom.learner_observe({"step": 7, "reward/mean": 0.5})
-    prom.learner_observe({"step": 8})
-    got = _scrape(metrics_port)
+    prom.learner_observe({"step": 8, "reward/mean": None})
+    got = _scrape(ports["learner"])
     assert got["gspo_learner_step"] == 8
     assert got["gspo_reward_mean"] == 0.5
 
 
-def test_non_numeric_value_is_refused():
+def test_non_numeric_value_is_refused_and_changes_nothing(ports):
+    prom.learner_observe({"step": 9})
     with pytest.raises(TypeError, match="reward/mean"):
-        prom.learner_observe({"reward/mean": "0.5"})
+        prom.learner_observe({"step": 10, "reward/mean": "0.5"})
     with pytest.raises(TypeError, match="step"):
         prom.learner_observe({"step": True})
+    assert _scrape(ports["learner"])["gspo_learner_step"] == 9
 
 
-def test_producer_counters_accumulate_and_gauges_follow(metrics_port):
-    groups0 = _sample("gspo_producer_groups_total")
-    paced0 = _sample("gspo_producer_paced_seconds_total")
-    prom.producer_observe(groups=3, paced_s=0.5, tokens_per_s=800.0, weight_version=5, weight_sync_s=1.25)
-    prom.producer_observe(groups=2, paced_s=0.25)
-    got = _scrape(metrics_port)
-    assert got["gspo_producer_groups_total"] == groups0 + 5
-    assert got["gspo_producer_paced_seconds_total"] == paced0 + 0.75
-    assert got["gspo_producer_tokens_per_second"] == 800.0
-    assert got["gspo_producer_weight_version"] == 5
-    assert got["gspo_weight_sync_seconds"] == 1.25
+def test_producer_totals_are_counters_and_the_rest_gauges(ports):
+    row = {
+        "time": 1.0,
+        "state": "idle",
+        "groups_total": 5,
+        "samples_total": 20,
+        "paced_s_total": 0.75,
+        "tokens_per_s": 800.0,
+        "weight_version": 5,
+        "weight_sync_s": 1.25,
+    }
+    prom.producer_observe(row)
+    got = _scrape(ports["producer"])
+    assert got == {
+        "gspo_producer_groups_total": 5,
+        "gspo_producer_paced_seconds_total": 0.75,
+        "gspo_producer_tokens_per_second": 800.0,
+        "gspo_producer_weight_version": 5,
+        "gspo_weight_sync_seconds": 1.25,
+    }
+    text = httpx.get(f"http://127.0.0.1:{ports['producer']}/metrics", timeout=5.0).text
+    assert "# TYPE gspo_producer_groups_total counter" in text
+    assert "# TYPE gspo_producer_weight_version gauge" in text
 
 
-def test_counters_refuse_to_go_down():
-    with pytest.raises(ValueError, match="groups=-1"):
-        prom.producer_observe(groups=-1)
-
-
-def test_registry_exposes_the_documented_names():
-    assert prom.metric_names() == {
-        "gspo_learner_step", "gspo_reward_mean", "gspo_reward_std", "gspo_clip_frac", "gspo_staleness_mean",
-        "gspo_staleness_max", "gspo_staleness_dropped", "gspo_is_ess", "gspo_learner_tokens_per_second",
-        "gspo_learner_groups_per_second", "gspo_rollouts_backlog", "gspo_rollouts_pending",
-        "gspo_weight_publish_seconds", "gspo_producer_groups_total", "gspo_producer_tokens_per_second",
-        "gspo_producer_weight_version", "gspo_weight_sync_seconds", "gspo_producer_paced_seconds_total",
-    }  # fmt: skip
+def test_each_service_exposes_its_documented_names(ports):
+    for service, port in ports.items():
+        assert set(_scrape(port)) == prom.metric_names(service)
+    assert not prom.metric_names("learner") & prom.metric_names("producer")
+    assert prom.metric_names("learner") == {
+        "gspo_learner_step",
+        "gspo_reward_mean",
+        "gspo_reward_std",
+        "gspo_clip_frac",
+        "gspo_staleness_mean",
+        "gspo_staleness_max",
+        "gspo_staleness_dropped",
+        "gspo_is_ess",
+        "gspo_learner_tokens_per_second",
+        "gspo_learner_groups_per_second",
+        "gspo_rollouts_backlog",
+        "gspo_rollouts_pending",
+        "gspo_weight_publish_seconds",
+    }
+    assert prom.metric_names("producer") == {
+        "gspo_producer_groups_total",
+        "gspo_producer_tokens_per_second",
+        "gspo_producer_weight_version",
+        "gspo_weight_sync_seconds",
+        "gspo_producer_paced_seconds_total",
+    }

@@ -6,7 +6,8 @@
 - every ``GSPO_*`` variable they set is a real config field;
 - the shell launchers behave: ``sglang_host.sh`` against stand-in SGLang/producer processes,
   ``learner_torchrun.sh`` by the argv it would exec;
-- the Grafana dashboard queries exactly the metrics ``common/prom.py`` registers;
+- the Grafana dashboard queries exactly the metrics ``common/prom.py`` maps, and the producer's exporter feeds
+  them (a live learner and producer are scraped in ``tests/integration/test_metrics_live.py``);
 - the README's Redis ACL line grants what the pipeline uses and nothing outside the run (real Redis).
 """
 
@@ -96,8 +97,14 @@ def gspo_commands(path: Path) -> list[tuple[str, list[str]]]:
 @cache
 def cli_flags(command: str) -> frozenset[str]:
     env = {**os.environ, "COLUMNS": "250", "TERMINAL_WIDTH": "250", "NO_COLOR": "1", "TERM": "dumb"}
-    r = subprocess.run([sys.executable, "-m", "gspo", *command.split(), "--help"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "gspo", *command.split(), "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, f"gspo {command} --help failed: {r.stderr[-500:]}"
     return frozenset(FLAG_RE.findall(r.stdout))
 
@@ -109,11 +116,17 @@ def test_recipes_call_the_commands_they_should():
     """The extraction finds the invocations (so the flag check below is not vacuous)."""
     cmds = {(p.relative_to(OPS).as_posix(), c) for p in RECIPES for c, _ in gspo_commands(p)}
     expected = {
-        ("sglang_host.sh", "producer"), ("learner_torchrun.sh", "learner"),
-        ("systemd/gspo-producer@.service", "producer"), ("k8s/producer-deployment.yaml", "producer"),
-        ("k8s/learner-statefulset.yaml", "learner"), ("README.md", "producer"), ("README.md", "learner"),
-        ("README.md", "status"), ("README.md", "prompts load"), ("README.md", "redis start"),
-    }  # fmt: skip
+        ("sglang_host.sh", "producer"),
+        ("learner_torchrun.sh", "learner"),
+        ("systemd/gspo-producer@.service", "producer"),
+        ("k8s/producer-deployment.yaml", "producer"),
+        ("k8s/learner-statefulset.yaml", "learner"),
+        ("README.md", "producer"),
+        ("README.md", "learner"),
+        ("README.md", "status"),
+        ("README.md", "prompts load"),
+        ("README.md", "redis start"),
+    }
     assert expected <= cmds, expected - cmds
 
 
@@ -150,9 +163,15 @@ def test_k8s_manifests_are_well_formed():
     kust = yaml.safe_load((OPS / "k8s" / "kustomization.yaml").read_text())
     assert all((OPS / "k8s" / r).exists() for r in kust["resources"])
     assert "secret.example.yaml" not in kust["resources"]  # the real Secret is made by hand
-    assert {("StatefulSet", "gspo-redis"), ("Service", "gspo-redis"), ("Deployment", "gspo-producer"),
-            ("StatefulSet", "gspo-learner"), ("ConfigMap", "gspo-config"), ("Secret", "gspo-redis"),
-            ("PersistentVolumeClaim", "gspo-shared")} <= kinds.keys()  # fmt: skip
+    assert {
+        ("StatefulSet", "gspo-redis"),
+        ("Service", "gspo-redis"),
+        ("Deployment", "gspo-producer"),
+        ("StatefulSet", "gspo-learner"),
+        ("ConfigMap", "gspo-config"),
+        ("Secret", "gspo-redis"),
+        ("PersistentVolumeClaim", "gspo-shared"),
+    } <= kinds.keys()
 
 
 def _docs(name: str) -> list[dict]:
@@ -170,8 +189,11 @@ def test_k8s_references_resolve():
     claims = {
         d["metadata"]["name"] for p in K8S for d in _docs(p.name) if d["kind"] == "PersistentVolumeClaim"
     }
-    for name, kind in [("redis.yaml", "StatefulSet"), ("producer-deployment.yaml", "Deployment"),
-                       ("learner-statefulset.yaml", "StatefulSet")]:  # fmt: skip
+    for name, kind in [
+        ("redis.yaml", "StatefulSet"),
+        ("producer-deployment.yaml", "Deployment"),
+        ("learner-statefulset.yaml", "StatefulSet"),
+    ]:
         pod = _workload(name, kind)["spec"]["template"]["spec"]
         for c in _k8s_containers([_workload(name, kind)]):
             for e in c.get("env", []):
@@ -184,7 +206,7 @@ def test_k8s_references_resolve():
             mounts = {m["name"] for m in c.get("volumeMounts", [])}
             assert mounts <= {v["name"] for v in pod.get("volumes", [])} | {
                 t["metadata"]["name"] for t in _workload(name, kind)["spec"].get("volumeClaimTemplates", [])
-            }, (name, c["name"])  # fmt: skip
+            }, (name, c["name"])
         for v in pod.get("volumes", []):
             if "configMap" in v:
                 assert v["configMap"]["name"] == config["metadata"]["name"]
@@ -227,12 +249,51 @@ def test_prometheus_config_and_dashboard_parse():
     assert dash["panels"] and all(p["targets"] for p in dash["panels"])
 
 
-def test_dashboard_queries_exactly_the_registered_metrics():
+def dashboard_metric_names() -> set[str]:
+    dash = json.loads((OPS / "grafana" / "gspo-dashboard.json").read_text())
+    return {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"\bgspo_[a-z_]+", t["expr"])}
+
+
+def test_dashboard_queries_exactly_the_mapped_metrics():
     from common.prom import metric_names
 
-    dash = json.loads((OPS / "grafana" / "gspo-dashboard.json").read_text())
-    used = {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"\bgspo_[a-z_]+", t["expr"])}
-    assert used == metric_names()
+    assert dashboard_metric_names() == metric_names("learner") | metric_names("producer")
+
+
+def test_producer_exporter_feeds_every_producer_metric_of_the_dashboard(tmp_path):
+    """The producer's heartbeat-time export goes through common/prom.py (no private registry)."""
+    from common import prom
+    from common.wire import ProducerHeartbeat
+    from producer.metrics import MetricsExporter, ProducerMetrics
+
+    settings = load_settings(None, {"run_dir": str(tmp_path), "metrics_port": 0}, env={})
+    exporter = MetricsExporter(settings, "p1")
+    m = ProducerMetrics(groups_total=3, paced_s_total=0.5, weight_version=2, weight_sync_s=1.5)
+    hb = ProducerHeartbeat(
+        producer_id="p1",
+        host="h",
+        engine="e",
+        version=2,
+        groups_done=3,
+        tokens_per_s=40.0,
+        groups_per_s=1.0,
+        inflight=0,
+        state="idle",
+        started_at=0.0,
+    )
+    exporter.export(m, hb)
+    exporter.close()
+    registry = prom.registry("producer")
+    got = {n: registry.get_sample_value(n) for n in dashboard_metric_names() & prom.metric_names("producer")}
+    assert got == {
+        "gspo_producer_groups_total": 3,
+        "gspo_producer_paced_seconds_total": 0.5,
+        "gspo_producer_tokens_per_second": 40.0,
+        "gspo_producer_weight_version": 2,
+        "gspo_weight_sync_seconds": 1.5,
+    }
+    row = json.loads((tmp_path / "metrics" / "producer-p1.jsonl").read_text())
+    assert (row["groups_total"], row["tokens_per_s"]) == (3, 40.0)
 
 
 # ---------------------------------------------------------------- systemd
@@ -250,8 +311,12 @@ def test_systemd_units_verify(tmp_path):
     for unit in UNITS:  # instantiate @0; point ExecStart at an interpreter that exists here
         text = re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", unit.read_text(), flags=re.M)
         (tmp_path / unit.name.replace("@.", "@0.")).write_text(text)
-    r = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
 
 
@@ -263,8 +328,11 @@ def _assert_config_env(name: str, value: str) -> None:
 
 
 def test_env_file_example_sets_only_real_config_fields():
-    pairs = [ln.split("=", 1) for ln in (OPS / "systemd" / "gspo.env.example").read_text().splitlines()
-             if ln and not ln.startswith("#")]  # fmt: skip
+    pairs = [
+        ln.split("=", 1)
+        for ln in (OPS / "systemd" / "gspo.env.example").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert {"MODEL_PATH", "GSPO_RUN", "GSPO_REDIS_URL"} <= {k for k, _ in pairs}
     settings = load_settings(None, env={k: v for k, v in pairs if k.startswith("GSPO_")})
     assert settings.redis.url.startswith("rediss://") and settings.redis.ca_file
@@ -357,11 +425,18 @@ def _free_port() -> int:
 def _host_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSPO_")}
     env.update(
-        MODEL_PATH="/models/base", GSPO_RUN="exp1", GSPO_REDIS_URL="redis://:pw@redis:6379/0",
-        SGLANG_PORT=str(_free_port()), METRICS_PORT="9400", PRODUCER_ID="h-0", EVENTS=str(tmp_path / "events"),
+        MODEL_PATH="/models/base",
+        GSPO_RUN="exp1",
+        GSPO_REDIS_URL="redis://:pw@redis:6379/0",
+        SGLANG_PORT=str(_free_port()),
+        METRICS_PORT="9400",
+        PRODUCER_ID="h-0",
+        EVENTS=str(tmp_path / "events"),
         SGLANG_PYTHON=_stub(tmp_path / "fake_sglang", FAKE_SGLANG),
-        GSPO_PYTHON=_stub(tmp_path / "fake_producer", FAKE_PRODUCER), STOP_TIMEOUT_S="20", **extra,
-    )  # fmt: skip
+        GSPO_PYTHON=_stub(tmp_path / "fake_producer", FAKE_PRODUCER),
+        STOP_TIMEOUT_S="20",
+        **extra,
+    )
     return env
 
 
@@ -379,8 +454,13 @@ def _wait_for(tmp_path: Path, prefix: str, timeout_s: float = 20.0) -> None:
 
 def test_sglang_host_starts_producer_after_health_and_stops_it_first_on_sigterm(tmp_path):
     env = _host_env(tmp_path)
-    proc = subprocess.Popen(["bash", str(OPS / "sglang_host.sh")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(OPS / "sglang_host.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(tmp_path, "producer-started")
         proc.send_signal(signal.SIGTERM)
@@ -391,8 +471,12 @@ def test_sglang_host_starts_producer_after_health_and_stops_it_first_on_sigterm(
     assert proc.returncode == 0, out
     ev = _events(tmp_path)
     assert [e.split(" ")[0] for e in ev] == [
-        "sglang-started", "producer-started", "producer-drained", "producer-stopped", "sglang-stopped"
-    ], ev  # fmt: skip
+        "sglang-started",
+        "producer-started",
+        "producer-drained",
+        "producer-stopped",
+        "sglang-stopped",
+    ], ev
     assert "health=200" in ev[2]  # SGLang still served while the producer drained
     sglang_args = json.loads(ev[0].split(" ", 1)[1])
     assert sglang_args[:2] == ["-m", "sglang.launch_server"]
@@ -451,8 +535,16 @@ print(json.dumps(out))
 
 def _learner_launch_argv(tmp_path: Path, **extra: str) -> tuple[list[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSPO_")}
-    env.update(MODEL_PATH="/shared/base", RUN_DIR="/shared/exp1", GSPO_RUN="exp1", GSPO_REDIS_URL="redis://r:6379/0",
-               GPUS="4", EVENTS=str(tmp_path / "events"), GSPO_PYTHON=_stub(tmp_path / "rec", RECORD_ARGV), **extra)  # fmt: skip
+    env.update(
+        MODEL_PATH="/shared/base",
+        RUN_DIR="/shared/exp1",
+        GSPO_RUN="exp1",
+        GSPO_REDIS_URL="redis://r:6379/0",
+        GPUS="4",
+        EVENTS=str(tmp_path / "events"),
+        GSPO_PYTHON=_stub(tmp_path / "rec", RECORD_ARGV),
+        **extra,
+    )
     (tmp_path / "events").unlink(missing_ok=True)
     r = subprocess.run(
         ["bash", str(OPS / "learner_torchrun.sh")], env=env, capture_output=True, text=True, timeout=30
@@ -480,8 +572,13 @@ def test_learner_launch_lines_parse_with_torchruns_own_parser(tmp_path):
     multi, run2 = _learner_launch_argv(tmp_path, NNODES="2", RDZV_ENDPOINT="node0:29400")
     assert run1 == run2 == "exp1"  # the run id travels in the environment
     argvs = [single, multi, *_torchrun_lines()]
-    r = subprocess.run([sys.executable, "-c", PARSE_TORCHRUN], input=json.dumps(argvs), capture_output=True,
-                       text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", PARSE_TORCHRUN],
+        input=json.dumps(argvs),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     parsed = json.loads(r.stdout)
     assert len(parsed) == len(argvs) >= 5
