@@ -28,7 +28,7 @@ class PromptFeeder:
         if not self.s.learner.dataset:
             return
         target = self.s.learner.prompts_ahead * self.s.pipeline.batch_groups
-        missing = target - await self.streams.backlog(self.keys.prompts, PRODUCERS_GROUP)
+        missing = target - await self.streams.backlog(self.keys.prompts, PRODUCERS_GROUP, cap=target)
         if missing <= 0:
             return
         if self._rows is None:
