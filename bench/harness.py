@@ -60,7 +60,7 @@ def run_pipeline(
     k = ["--max-staleness", str(max_staleness)]
     cluster = LocalCluster(
         run=name.replace("/", "-"), run_dir=run_dir, redis_url=redis.url, model=str(model),
-        learner_args=k + ["--max-steps", str(steps), *learner_args], producer_args=k + list(producer_args),
+        learner_args=k + ["--max-steps", str(steps), *learner_args], producer_args=list(producer_args),
     )  # fmt: skip
     t0 = time.monotonic()
     cluster.start_learner()

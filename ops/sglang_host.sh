@@ -25,7 +25,7 @@
 #   PRODUCER_ID         [$(hostname)-$SGLANG_PORT]
 #   PRODUCER_RUN_DIR    local dir for the producer's logs [/tmp/gspo-$GSPO_RUN-$PRODUCER_ID]
 #   METRICS_PORT        Prometheus port of the producer (0 = off) [9400]
-#   PRODUCER_EXTRA_ARGS more `gspo producer` flags, e.g. "--group-size 16 --max-new-tokens 1024"
+#   PRODUCER_EXTRA_ARGS more `gspo producer` flags, e.g. "--max-new-tokens 1024" (G must equal the learner's)
 #   STOP_TIMEOUT_S      how long to wait for each process after SIGTERM before SIGKILL [300]
 set -euo pipefail
 

@@ -67,7 +67,8 @@ class Services:
     def start(self, kind: str, args: list[str], name: str, env: dict[str, str] | None = None) -> Service:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GSPO_", "LEARNER_TEST_"))}
         full_env.update(
-            {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1", **(env or {})}
+            {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1",
+             "GSPO_PIPELINE__GROUP_SIZE": "4", **(env or {})}
         )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = self.log_dir / f"{name}.out"
@@ -119,11 +120,11 @@ def learner_args(redis_url: str | None, run_id: str, model: Path, run_dir: Path,
 
 
 def producer_args(redis_url: str | None, run_id: str, model: Path, run_dir: Path, producer_id: str, *,
-                  batch_groups: int = 4, max_staleness: int = 2, extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+                  extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """K and B come from the learner (its state hash); G is the same for both sides through the env."""
     url = ["--redis-url", redis_url] if redis_url else []
     return [*url, "--run", run_id, "--model", str(model), "--run-dir", str(run_dir), "--producer-id", producer_id,
-            "-G", "4", "--max-new-tokens", "5", "--prompts-per-call", "4", "--claim-idle-ms", "1500",
-            "--batch-groups", str(batch_groups), "--max-staleness", str(max_staleness), "--threads", "1",
+            "--max-new-tokens", "5", "--prompts-per-call", "4", "--claim-idle-ms", "1500", "--threads", "1",
             "--log-level", "INFO", *extra]  # fmt: skip
 
 

@@ -188,10 +188,11 @@ def test_producer_without_learner_paces_at_the_bound_and_exits_0_on_sigterm(
     r = sync_client(redis_url)
     for i in range(12):
         r.xadd(keys.prompts, {b"m": encode(task_for(addition_prompt(i, i), f"task-{i}"))})
-    args = producer_args(
-        redis_url, run_id, tiny_model_dir, tmp_path / "run", "p1", batch_groups=2, max_staleness=1
-    )
-    producer = services.start("producer", args, "p1", env={"GSPO_PIPELINE__PREFILL_MIN_GROUPS": "1"})
+    args = producer_args(redis_url, run_id, tiny_model_dir, tmp_path / "run", "p1")
+    # no learner: the producer's own K and B bound the prefill
+    env = {"GSPO_PIPELINE__PREFILL_MIN_GROUPS": "1", "GSPO_PIPELINE__BATCH_GROUPS": "2",
+           "GSPO_PIPELINE__MAX_STALENESS": "1"}  # fmt: skip
+    producer = services.start("producer", args, "p1", env=env)
     bound = (1 + 1) * 2  # (K + 1) * B with no learner version yet
 
     def paced() -> bool:

@@ -84,7 +84,7 @@ def test_acl_user_confined_to_the_run_trains_and_no_credential_is_written(
         largs = learner_args(None, run_id, tiny_model_dir, run_dir, max_steps=3, batch_groups=2, publish_every=1,
                              extra=("--log-level", "DEBUG"))  # fmt: skip
         learner = services.start("learner", largs, "learner", env=env)
-        producer = services.start("producer", producer_args(None, run_id, tiny_model_dir, run_dir, "p1", batch_groups=2),
+        producer = services.start("producer", producer_args(None, run_id, tiny_model_dir, run_dir, "p1"),
                                   "p1", env=env)  # fmt: skip
         assert learner.wait(90) == 0, learner.tail()
         assert producer.terminate() == 0, producer.tail()
