@@ -5,8 +5,8 @@ trains the sequences ``i % world.size == rank`` of the (broadcast) batch, every 
 is divided by the number of valid sequences of the *whole* (mini)batch, and gradients are summed
 over ranks, so N ranks take exactly the 1-rank step (tests/integration/test_learner_ddp.py).
 
-Proximal log-probs (docs/objective.md): with one optimizer step per batch they are the detached values of
-the same forward (no extra pass); with n mini-batches, one no-grad pass before the first update;
+Proximal log-probs (docs/objective.md): the detached values of the same forward for the first mini-batch
+(no update has happened yet), and one no-grad pass over the later mini-batches before the first update;
 ``loss.proximal = "behaviour"`` uses the engine's log-probs instead (ablation). The model stays in
 eval mode (no dropout) so the recompute is deterministic.
 """
@@ -31,9 +31,12 @@ from learner.packing import plan_rows
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
-# Rows of ~512 tokens: the packed-sequence mask is a full N×N per row, so moderate rows beat one
-# long row (measured on a 2-core CPU: 6×512 0.62 s vs 1×2560 1.01 s for the same tokens).
+# Packed rows of at most twice the longest sequence of the micro-batch, and never more than 512 tokens: the
+# packed-sequence mask is a full N×N per row, so attention costs N per token. Measured on a 2-core CPU for one
+# fwd+bwd of the same tokens: 6×512 0.62 s vs 1×2560 1.01 s; for ~12-token sequences (the reference task)
+# rows of 2× the longest were 1.18-1.25× faster than rows of 512, for 32-128-token ones 1.14-1.30×.
 ROW_TOKENS = 512
+ROW_LONGEST_FACTOR = 2
 
 # gspo metric name -> namespaced JSONL name (docs/objective.md)
 _METRIC_NAMES = {
@@ -172,22 +175,27 @@ class Trainer:
 
     def _row_tokens(self, batch: TrainBatch, idx: list[int]) -> int:
         longest = max(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx)
-        return max(ROW_TOKENS, longest)
+        return max(longest, min(ROW_TOKENS, ROW_LONGEST_FACTOR * longest))
 
-    def _proximal(self, batch: TrainBatch, mine: list[int]) -> dict[int, Tensor] | None:
-        """None: take the detached current forward. Else log π_prox per sequence index."""
+    def _proximal(self, batch: TrainBatch, mine: list[int]) -> dict[int, Tensor]:
+        """log π_prox per sequence index; a sequence absent from the dict takes the detached value of its own
+        forward. That is exact for the first mini-batch (no optimizer step has happened yet, so the current
+        parameters are the proximal ones): only the later mini-batches need the no-grad pass."""
         if self.settings.loss.proximal == "behaviour":
             return {i: batch.behaviour[i] for i in mine}
-        if self.settings.learner.n_minibatches == 1:
-            return None
+        minibatches = _split(len(batch), self.settings.learner.n_minibatches)
+        first = set(minibatches[0]) if minibatches else set()
+        later = [i for i in mine if i not in first]
         out: dict[int, Tensor] = {}
-        for micro in self._micro_batches(batch, mine):
+        if not later:
+            return out
+        for micro in self._micro_batches(batch, later):
             lps = token_logprobs(self.model, batch.sequences(micro), batch.temperatures[micro].tolist(),
                                  max_row_tokens=self._row_tokens(batch, micro))  # fmt: skip
             out.update(zip(micro, lps, strict=True))
         return out
 
-    def _micro_step(self, batch: TrainBatch, idx: list[int], adv: Tensor, prox: dict[int, Tensor] | None,
+    def _micro_step(self, batch: TrainBatch, idx: list[int], adv: Tensor, prox: dict[int, Tensor],
                     denominator: int, acc: _Accumulator) -> None:  # fmt: skip
         temps = batch.temperatures[idx].tolist()
         res = packed_logprobs(self.model, batch.sequences(idx), temps, max_row_tokens=self._row_tokens(batch, idx),
@@ -197,7 +205,10 @@ class Trainer:
         logp = pad_rows(res.logprobs, width)  # (b, T)
         mask = length_mask(lengths, width).to(logp.device)  # (b, T)
         behaviour = pad_rows([batch.behaviour[i] for i in idx], width).to(logp.device)
-        proximal = logp.detach() if prox is None else pad_rows([prox[i] for i in idx], width).to(logp.device)
+        proximal = logp.detach()
+        if any(i in prox for i in idx):  # later mini-batches: the values from before the first update
+            proximal = pad_rows([prox[i] if i in prox else lp.detach() for i, lp in zip(idx, res.logprobs, strict=True)],
+                                width).to(logp.device)  # fmt: skip
         staleness = batch.staleness[idx].to(logp.device)
         loss_cfg = self.settings.loss
         out = policy_loss(

@@ -129,3 +129,24 @@ def test_kl_to_reference_is_zero_at_the_start(tiny_model_dir) -> None:
     batch = build_batch(hand_groups(model))
     m = Trainer(model, settings(kl_coef=0.1), ref_model=ref).train_step(batch)
     assert m["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_first_minibatch_takes_its_proximal_values_from_its_own_forward(tiny_model_dir) -> None:
+    """Only later mini-batches need the no-grad pass: the step equals one whose proximal log-probs all come
+    from a separate pass before the first update."""
+    from learner.logprobs import token_logprobs
+
+    class AllFromAPass(Trainer):
+        def _proximal(self, batch, mine):
+            lps = token_logprobs(self.model, batch.sequences(mine), batch.temperatures[mine].tolist())
+            return dict(zip(mine, lps, strict=True))
+
+    torch.manual_seed(0)
+    batch = build_batch(hand_groups(load_model(tiny_model_dir), n_groups=4))
+    fast_model, ref_model = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    fast = Trainer(fast_model, settings(n_minibatches=2)).train_step(batch)
+    ref = AllFromAPass(ref_model, settings(n_minibatches=2)).train_step(batch)
+    for key in ("loss", "gspo/clip_frac", "gspo/seq_ratio_min", "gspo/seq_ratio_max", "is/weight_mean"):
+        assert fast[key] == pytest.approx(ref[key], abs=1e-5), key
+    for (name, a), b in zip(fast_model.named_parameters(), ref_model.parameters(), strict=True):
+        assert (a - b).norm() <= 1e-3 * a.norm(), name

@@ -84,11 +84,14 @@ def test_skipping_zero_advantage_sequences_gives_the_same_step(tiny_model_dir, n
     assert g_full.keys() == g_skip.keys() and g_full
     for name in g_full:
         torch.testing.assert_close(g_skip[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
-    # the rows are packed differently, so gradients differ by float rounding (~1e-9); Adam's first step
-    # divides by |g| + 1e-8, which turns that into at most ~1e-4 of the 1e-2 step on elements with |g| ~ 1e-8
+    # the rows are packed differently, so gradients differ by float rounding (~1e-9); Adam divides by
+    # |g| + 1e-8, which can turn that into a visible change of elements whose gradient is ~1e-8: compare the
+    # updates as a whole (their difference is a tiny fraction of the step)
+    w0 = dict(base.named_parameters())
     for name in w_full:
-        torch.testing.assert_close(w_skip[name], w_full[name], rtol=0, atol=2e-4, msg=name)
-    assert any(not torch.equal(w_full[n], p) for n, p in base.named_parameters())  # the step did move weights
+        update = (w_full[name] - w0[name].detach()).norm()
+        assert update > 0 or name.endswith("norm.weight"), name
+        assert (w_skip[name] - w_full[name]).norm() <= 1e-2 * update + 1e-9, name
 
 
 def test_an_all_tied_batch_still_steps_adamw_like_zero_gradients(tiny_model_dir) -> None:
