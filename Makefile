@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-learner bench-async bench-staleness clean
+.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-trl bench-async bench-staleness bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+## ruff lint and format check (CI runs this before the tests)
 lint: $(STAMP)
-	$(BIN)/ruff check common producer learner gspo ops tests bench
+	$(BIN)/ruff check common modeling producer learner gspo ops tests bench
+	$(BIN)/ruff format --check common modeling producer learner gspo ops tests bench
 
 ## the main job on the embedded default: Redis, learner and a producer on this machine
 demo: $(STAMP)
@@ -37,8 +39,21 @@ bench-transport: $(STAMP)
 bench-producer: $(STAMP)
 	$(BIN)/python -m bench.producer_overhead
 
+bench-engine: $(STAMP)
+	$(BIN)/python -m bench.engine_decode
+
 bench-learner: $(STAMP)
 	$(BIN)/python -m bench.learner_overhead
+
+## TRL runs in its own venv (bench/.trl-venv), created here on first use
+bench/.trl-venv/bin/python:
+	bash bench/setup_trl_venv.sh
+
+bench-learner-trl: $(STAMP) bench/.trl-venv/bin/python
+	$(BIN)/python -m bench.learner_vs_trl
+
+bench-e2e: $(STAMP) bench/.trl-venv/bin/python
+	$(BIN)/python -m bench.e2e_vs_trl
 
 bench-async: $(STAMP)
 	$(BIN)/python -m bench.async_vs_sync
