@@ -41,27 +41,40 @@ def main() -> None:
                     model,
                     steps=args.steps,
                     max_staleness=args.async_k,
-                ),  # fmt: skip
+                ),
             ]
         finally:
             redis.stop()
     sync, asyn = results
     # steady state: learner clock from its first to its last step (process start-up excluded)
-    per_step = {r.name: (r.rows[-1]["time/elapsed_s"] - r.rows[0]["time/elapsed_s"]) / (len(r.rows) - 1)
-                for r in results}  # fmt: skip
+    per_step = {
+        r.name: (r.rows[-1]["time/elapsed_s"] - r.rows[0]["time/elapsed_s"]) / (len(r.rows) - 1)
+        for r in results
+    }
     print(f"machine: {machine()}; {args.steps} steps each; 1 producer + 1 learner process")
     for r in results:
-        print(f"{r.name:10s} wall {r.wall_s:7.1f} s  {per_step[r.name]:.3f} s/step  "
-              f"reward first 10 steps {r.avg_head('reward/mean', 10):.3f}, last 10 {r.avg('reward/mean', 10):.3f}  "
-              f"staleness {r.avg('staleness/mean'):.2f}")  # fmt: skip
+        print(
+            f"{r.name:10s} wall {r.wall_s:7.1f} s  {per_step[r.name]:.3f} s/step  "
+            f"reward first 10 steps {r.avg_head('reward/mean', 10):.3f}, last 10 {r.avg('reward/mean', 10):.3f}  "
+            f"staleness {r.avg('staleness/mean'):.2f}"
+        )
     ratio = per_step[sync.name] / per_step[asyn.name]
     print(f"speed-up async/sync (wall per step): {ratio:.2f}x  (ideal with balanced generation/training: 2x)")
     plot = plot_runs(
         [args.out / r.name for r in results], args.out / "reward_vs_wall.png", x_key="time/elapsed_s"
     )
-    (args.out / "summary.json").write_text(json.dumps(
-        {"machine": machine(), "steps": args.steps, "s_per_step": per_step, "speedup": ratio,
-         "reward_last10": {r.name: r.avg("reward/mean", 10) for r in results}}, indent=2))  # fmt: skip
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "steps": args.steps,
+                "s_per_step": per_step,
+                "speedup": ratio,
+                "reward_last10": {r.name: r.avg("reward/mean", 10) for r in results},
+            },
+            indent=2,
+        )
+    )
     print(f"plot: {plot}")
 
 

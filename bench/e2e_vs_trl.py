@@ -98,21 +98,59 @@ def run_trl(out: Path, model: Path, budget_s: float, trl_python: Path, threads: 
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", WANDB_DISABLED="true", PYTHONPATH="")  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_DISABLED="true",
+        PYTHONPATH="",
+    )
     t0 = time.time()
     (out / "launch.json").write_text(json.dumps({"t0": t0, "budget_s": budget_s, "threads": threads}))
     cmd = [
-        str(trl_python), str(PEER), "--model-dir", str(model), "--out", str(out / "rows.jsonl"),
-        "--budget-s", str(budget_s), "--t0", repr(t0), "--threads", str(threads),
-        "--prompts-per-step", str(s.pipeline.batch_groups), "--group-size", str(s.pipeline.group_size),
-        "--minibatches", str(s.learner.n_minibatches), "--max-new-tokens", str(s.producer.sampling.max_new_tokens),
-        "--temperature", str(s.producer.sampling.temperature), "--lr", str(s.learner.lr),
-        "--beta1", str(s.learner.betas[0]), "--beta2", str(s.learner.betas[1]),
-        "--weight-decay", str(s.learner.weight_decay), "--grad-clip", str(s.learner.grad_clip),
-        "--clip-low", str(s.loss.clip_low), "--clip-high", str(s.loss.clip_high), "--seed", str(s.learner.seed),
-    ]  # fmt: skip
+        str(trl_python),
+        str(PEER),
+        "--model-dir",
+        str(model),
+        "--out",
+        str(out / "rows.jsonl"),
+        "--budget-s",
+        str(budget_s),
+        "--t0",
+        repr(t0),
+        "--threads",
+        str(threads),
+        "--prompts-per-step",
+        str(s.pipeline.batch_groups),
+        "--group-size",
+        str(s.pipeline.group_size),
+        "--minibatches",
+        str(s.learner.n_minibatches),
+        "--max-new-tokens",
+        str(s.producer.sampling.max_new_tokens),
+        "--temperature",
+        str(s.producer.sampling.temperature),
+        "--lr",
+        str(s.learner.lr),
+        "--beta1",
+        str(s.learner.betas[0]),
+        "--beta2",
+        str(s.learner.betas[1]),
+        "--weight-decay",
+        str(s.learner.weight_decay),
+        "--grad-clip",
+        str(s.learner.grad_clip),
+        "--clip-low",
+        str(s.loss.clip_low),
+        "--clip-high",
+        str(s.loss.clip_high),
+        "--seed",
+        str(s.learner.seed),
+    ]
     log_path = out / "peer.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -148,8 +186,12 @@ def side_stats(pts: list[dict], budget_s: float) -> dict:
     if not pts:
         return {"steps": 0}
     rolled = rolling_mean([p["reward"] for p in pts], WINDOW)
-    st: dict = {"steps": pts[-1]["step"], "end_s": pts[-1]["t"], "first_step_s": pts[0]["t"],
-                "reward_first10": sum(p["reward"] for p in pts[:10]) / len(pts[:10])}  # fmt: skip
+    st: dict = {
+        "steps": pts[-1]["step"],
+        "end_s": pts[-1]["t"],
+        "first_step_s": pts[0]["t"],
+        "reward_first10": sum(p["reward"] for p in pts[:10]) / len(pts[:10]),
+    }
     for thr in THRESHOLDS:
         hit = next((i for i, v in enumerate(rolled) if v >= thr), None)
         st[f"reach_{thr}"] = None if hit is None else {"s": pts[hit]["t"], "step": pts[hit]["step"]}
@@ -158,8 +200,11 @@ def side_stats(pts: list[dict], budget_s: float) -> dict:
     st["s_per_step"] = (b["t"] - a["t"]) / (b["step"] - a["step"]) if b["step"] > a["step"] else None
     horizon = min(REWARD_AT_S, budget_s)
     idx = max((i for i, p in enumerate(pts) if p["t"] <= horizon), default=None)
-    st["reward_at"] = {"s": horizon, "rolling": rolled[idx] if idx is not None else None,
-                       "window": min(WINDOW, idx + 1) if idx is not None else 0}  # fmt: skip
+    st["reward_at"] = {
+        "s": horizon,
+        "rolling": rolled[idx] if idx is not None else None,
+        "window": min(WINDOW, idx + 1) if idx is not None else 0,
+    }
     return st
 
 
@@ -257,23 +302,44 @@ def report(out: Path, settings: Settings, extra: dict) -> dict:
     ratios = compare(ours, trl)
     s = settings
     print(f"machine: {machine()}; load average now {_loadavg()}")
-    print(f"budget {budget_s / 60:.2f} min per side (from process launch), run one after the other; same "
-          f"reference model, addition task, {s.pipeline.batch_groups} prompts x G={s.pipeline.group_size} per step, "
-          f"{s.learner.n_minibatches} optimizer steps per batch, lr {s.learner.lr}, clip band "
-          f"({s.loss.clip_low}, {s.loss.clip_high}), max_new_tokens {s.producer.sampling.max_new_tokens}")  # fmt: skip
-    print(f"ours: learner + {ours_launch.get('producers')} producer process(es), 1 torch thread each; "
-          f"TRL {peer.get('trl_version', '?')} (transformers {peer.get('transformers_version', '?')}, "
-          f"torch {peer.get('torch_version', '?')}): one process, {trl_launch.get('threads')} torch threads")  # fmt: skip
+    print(
+        f"budget {budget_s / 60:.2f} min per side (from process launch), run one after the other; same "
+        f"reference model, addition task, {s.pipeline.batch_groups} prompts x G={s.pipeline.group_size} per step, "
+        f"{s.learner.n_minibatches} optimizer steps per batch, lr {s.learner.lr}, clip band "
+        f"({s.loss.clip_low}, {s.loss.clip_high}), max_new_tokens {s.producer.sampling.max_new_tokens}"
+    )
+    print(
+        f"ours: learner + {ours_launch.get('producers')} producer process(es), 1 torch thread each; "
+        f"TRL {peer.get('trl_version', '?')} (transformers {peer.get('transformers_version', '?')}, "
+        f"torch {peer.get('torch_version', '?')}): one process, {trl_launch.get('threads')} torch threads"
+    )
     horizon = ours.get("reward_at", {}).get("s", min(REWARD_AT_S, budget_s))
     rows = [("", "gspo up", "TRL", "ours/TRL")]
     for thr in THRESHOLDS:
-        rows.append((f"reach {thr} (s / steps)", _fmt_reach(ours.get(f"reach_{thr}")),
-                     _fmt_reach(trl.get(f"reach_{thr}")),
-                     f"{_fmt(ratios[f'time_to_{thr}'])} time, {_fmt(ratios[f'steps_to_{thr}'])} steps"))  # fmt: skip
-    rows.append(("s/step (steady state)", _fmt(ours.get("s_per_step"), ".2f", " s"),
-                 _fmt(trl.get("s_per_step"), ".2f", " s"), _fmt(ratios["s_per_step"])))  # fmt: skip
-    rows.append((f"reward @ {horizon / 60:.2f} min (rolling)", _fmt((ours.get("reward_at") or {}).get("rolling"), ".3f"),
-                 _fmt((trl.get("reward_at") or {}).get("rolling"), ".3f"), _fmt(ratios["reward_at"])))  # fmt: skip
+        rows.append(
+            (
+                f"reach {thr} (s / steps)",
+                _fmt_reach(ours.get(f"reach_{thr}")),
+                _fmt_reach(trl.get(f"reach_{thr}")),
+                f"{_fmt(ratios[f'time_to_{thr}'])} time, {_fmt(ratios[f'steps_to_{thr}'])} steps",
+            )
+        )
+    rows.append(
+        (
+            "s/step (steady state)",
+            _fmt(ours.get("s_per_step"), ".2f", " s"),
+            _fmt(trl.get("s_per_step"), ".2f", " s"),
+            _fmt(ratios["s_per_step"]),
+        )
+    )
+    rows.append(
+        (
+            f"reward @ {horizon / 60:.2f} min (rolling)",
+            _fmt((ours.get("reward_at") or {}).get("rolling"), ".3f"),
+            _fmt((trl.get("reward_at") or {}).get("rolling"), ".3f"),
+            _fmt(ratios["reward_at"]),
+        )
+    )
     rows.append(("steps in budget", str(ours.get("steps")), str(trl.get("steps")), ""))
     rows.append(
         ("first step at (s)", _fmt(ours.get("first_step_s"), ".1f"), _fmt(trl.get("first_step_s"), ".1f"), "")
@@ -289,24 +355,44 @@ def report(out: Path, settings: Settings, extra: dict) -> dict:
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
-    print(f"(rolling = {WINDOW}-step rolling mean of the per-step mean reward, partial windows before step {WINDOW}; "
-          "times count from process launch)")  # fmt: skip
+    print(
+        f"(rolling = {WINDOW}-step rolling mean of the per-step mean reward, partial windows before step {WINDOW}; "
+        "times count from process launch)"
+    )
     v = verdict(ours, trl)
     print(TARGET)
     print(f"verdict: {v}")
     png = plot(out / "reward_vs_wall.png", pts, budget_s)
     summary = {
-        "machine": machine(), "load_average_end": _loadavg(), "budget_s": budget_s, "window": WINDOW,
-        "thresholds": list(THRESHOLDS), "target": TARGET, "verdict": v, "ours": ours, "trl": trl,
-        "ratios_ours_over_trl": ratios, "trl_peer": peer,
-        "settings": {"batch_groups": s.pipeline.batch_groups, "group_size": s.pipeline.group_size,
-                     "max_staleness": s.pipeline.max_staleness, "n_minibatches": s.learner.n_minibatches,
-                     "lr": s.learner.lr, "betas": list(s.learner.betas), "weight_decay": s.learner.weight_decay,
-                     "grad_clip": s.learner.grad_clip, "clip_low": s.loss.clip_low, "clip_high": s.loss.clip_high,
-                     "temperature": s.producer.sampling.temperature,
-                     "max_new_tokens": s.producer.sampling.max_new_tokens, "seed": s.learner.seed},
-        "launch": {"ours": ours_launch, "trl": trl_launch}, **extra,
-    }  # fmt: skip
+        "machine": machine(),
+        "load_average_end": _loadavg(),
+        "budget_s": budget_s,
+        "window": WINDOW,
+        "thresholds": list(THRESHOLDS),
+        "target": TARGET,
+        "verdict": v,
+        "ours": ours,
+        "trl": trl,
+        "ratios_ours_over_trl": ratios,
+        "trl_peer": peer,
+        "settings": {
+            "batch_groups": s.pipeline.batch_groups,
+            "group_size": s.pipeline.group_size,
+            "max_staleness": s.pipeline.max_staleness,
+            "n_minibatches": s.learner.n_minibatches,
+            "lr": s.learner.lr,
+            "betas": list(s.learner.betas),
+            "weight_decay": s.learner.weight_decay,
+            "grad_clip": s.learner.grad_clip,
+            "clip_low": s.loss.clip_low,
+            "clip_high": s.loss.clip_high,
+            "temperature": s.producer.sampling.temperature,
+            "max_new_tokens": s.producer.sampling.max_new_tokens,
+            "seed": s.learner.seed,
+        },
+        "launch": {"ours": ours_launch, "trl": trl_launch},
+        **extra,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"plot: {png}\nsummary: {out / 'summary.json'}")
     return summary

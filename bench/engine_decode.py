@@ -60,8 +60,10 @@ def bench(engine: HFEngine, prompts: list[list[int]], ppc: int, args: argparse.N
     tokens = {
         p: statistics.mean(t for _, _, t in runs[p]) / (args.calls * ppc * args.group_size) for p in PATHS
     }
-    print(f"{ppc:3d} prompts x G={args.group_size} per call ({tokens['loop']:.1f}/{tokens['generate']:.1f} tokens per "
-          f"completion, loop/generate)")  # fmt: skip
+    print(
+        f"{ppc:3d} prompts x G={args.group_size} per call ({tokens['loop']:.1f}/{tokens['generate']:.1f} tokens per "
+        f"completion, loop/generate)"
+    )
     for p in PATHS:
         print(f"    {p:8s} tokens/s wall {spread(wall[p])}   cpu {spread(cpu[p])}")
     print(f"    ratio loop/generate: wall {spread(ratio_wall, '{:.2f}')}   cpu {spread(ratio_cpu, '{:.2f}')}")
@@ -78,8 +80,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--calls", type=int, default=4, help="engine calls per measurement")
     ap.add_argument("--rounds", type=int, default=7, help="measurements per path (median and range printed)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (0 = torch default; 1 keeps the comparison steady on a shared machine)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0 = torch default; 1 keeps the comparison steady on a shared machine)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sizes = [int(x) for x in args.prompts_per_call.split(",")]
@@ -87,8 +93,10 @@ def main() -> None:
         engine = HFEngine(build_tiny_model(Path(tmp) / "model"), threads=args.threads, decode="loop")
         rows = [row for _, row in zip(range(max(sizes) * args.calls), addition_rows(seed=0), strict=False)]
         prompts = [engine.tokenizer.encode(r.prompt, add_special_tokens=False) for r in rows]
-        print(f"tiny model, CPU, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}, "
-              f"T={args.temperature}; {args.calls} calls per measurement, {args.rounds} rounds: median [min..max]")  # fmt: skip
+        print(
+            f"tiny model, CPU, {torch.get_num_threads()} threads, max_new_tokens={args.max_new_tokens}, "
+            f"T={args.temperature}; {args.calls} calls per measurement, {args.rounds} rounds: median [min..max]"
+        )
         for ppc in sizes:
             bench(engine, prompts, ppc, args)
     print(

@@ -52,16 +52,28 @@ class RunResult:
 
 
 def run_pipeline(
-    name: str, root: Path, redis: RedisServer, model: Path, *, steps: int, max_staleness: int,
-    producers: int = 1, learner_args: tuple[str, ...] = (), producer_args: tuple[str, ...] = (),
+    name: str,
+    root: Path,
+    redis: RedisServer,
+    model: Path,
+    *,
+    steps: int,
+    max_staleness: int,
+    producers: int = 1,
+    learner_args: tuple[str, ...] = (),
+    producer_args: tuple[str, ...] = (),
     timeout_s: float = 900.0,
-) -> RunResult:  # fmt: skip
+) -> RunResult:
     run_dir = root / name
     k = ["--max-staleness", str(max_staleness)]
     cluster = LocalCluster(
-        run=name.replace("/", "-"), run_dir=run_dir, redis_url=redis.url, model=str(model),
-        learner_args=k + ["--max-steps", str(steps), *learner_args], producer_args=list(producer_args),
-    )  # fmt: skip
+        run=name.replace("/", "-"),
+        run_dir=run_dir,
+        redis_url=redis.url,
+        model=str(model),
+        learner_args=k + ["--max-steps", str(steps), *learner_args],
+        producer_args=list(producer_args),
+    )
     t0 = time.monotonic()
     cluster.start_learner()
     for _ in range(producers):

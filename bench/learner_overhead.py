@@ -38,8 +38,16 @@ def make_batch(n_groups: int, group_size: int, prompt_len: int, seed: int = 0) -
         samples = []
         for _ in range(group_size):
             n = rng.randint(16, 112)
-            samples.append(Sample(np.array([rng.randrange(4, 40) for _ in range(n)], np.int32),
-                                  np.full(n, -3.7, np.float32), float(rng.random() < 0.5), "stop", 0, 0))  # fmt: skip
+            samples.append(
+                Sample(
+                    np.array([rng.randrange(4, 40) for _ in range(n)], np.int32),
+                    np.full(n, -3.7, np.float32),
+                    float(rng.random() < 0.5),
+                    "stop",
+                    0,
+                    0,
+                )
+            )
         groups.append((RolloutGroup(f"g{g}", f"p{g}", prompt, "addition", "bench", "fp", tuple(samples)), 0))
     return build_batch(groups)
 
@@ -49,8 +57,9 @@ def bare_step(model, optimizer, trainer: Trainer, batch: TrainBatch) -> None:
     idx = list(range(len(batch)))
     for micro in trainer._micro_batches(batch, idx):
         packed = pack(batch.sequences(micro), trainer._row_tokens(batch, micro))
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
-                       use_cache=False).logits  # fmt: skip
+        logits = model(
+            input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False
+        ).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), packed.input_ids[:, 1:].reshape(-1)
         )

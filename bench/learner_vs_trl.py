@@ -54,11 +54,28 @@ def write_batch_json(batch: TrainBatch, path: Path) -> None:
 
 
 def run_peer(trl_python: Path, model_dir: Path, batch_path: Path, steps: int, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               WANDB_DISABLED="true", PYTHONPATH="")  # fmt: skip
-    cmd = [str(trl_python), str(PEER), "--model-dir", str(model_dir), "--batch", str(batch_path),
-           "--steps", str(steps), "--threads", str(threads)]  # fmt: skip
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_DISABLED="true",
+        PYTHONPATH="",
+    )
+    cmd = [
+        str(trl_python),
+        str(PEER),
+        "--model-dir",
+        str(model_dir),
+        "--batch",
+        str(batch_path),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -116,21 +133,34 @@ def main() -> None:
             peer = run_peer(args.trl_python, model_dir, batch_path, args.steps, args.threads)
             ours_all += ours
             trl_all += peer["steps_s"]
-            print(f"round {r + 1}/{args.rounds}: median ours {statistics.median(ours):.3f} s/step, "
-                  f"TRL {peer['s_per_step']:.3f} s/step", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}/{args.rounds}: median ours {statistics.median(ours):.3f} s/step, "
+                f"TRL {peer['s_per_step']:.3f} s/step",
+                flush=True,
+            )
     ours_s, trl_s = statistics.median(ours_all), statistics.median(trl_all)
-    print(f"model: Qwen3 hidden {args.hidden} x {args.layers} layers ({n_params / 1e6:.2f}M params), fp32, "
-          f"{args.threads} threads")  # fmt: skip
-    print(f"batch: {len(batch)} sequences ({args.groups} groups x {args.group_size}), {tokens} tokens "
-          "(prompt 16, completions 16..112)")  # fmt: skip
+    print(
+        f"model: Qwen3 hidden {args.hidden} x {args.layers} layers ({n_params / 1e6:.2f}M params), fp32, "
+        f"{args.threads} threads"
+    )
+    print(
+        f"batch: {len(batch)} sequences ({args.groups} groups x {args.group_size}), {tokens} tokens "
+        "(prompt 16, completions 16..112)"
+    )
     print(f"{args.rounds} rounds x {args.steps} steps per side; median (min) s/step:")
-    print(f"ours (learner.trainer.Trainer.train_step): {ours_s:.3f} s/step ({min(ours_all):.3f})  "
-          f"({tokens / ours_s:,.0f} tok/s)")  # fmt: skip
-    print(f"TRL {peer['trl_version']} GRPOTrainer (GSPO, sequence level): {trl_s:.3f} s/step ({min(trl_all):.3f})  "
-          f"({tokens / trl_s:,.0f} tok/s)")  # fmt: skip
+    print(
+        f"ours (learner.trainer.Trainer.train_step): {ours_s:.3f} s/step ({min(ours_all):.3f})  "
+        f"({tokens / ours_s:,.0f} tok/s)"
+    )
+    print(
+        f"TRL {peer['trl_version']} GRPOTrainer (GSPO, sequence level): {trl_s:.3f} s/step ({min(trl_all):.3f})  "
+        f"({tokens / trl_s:,.0f} tok/s)"
+    )
     ratio, ratio_min = trl_s / ours_s, min(trl_all) / min(ours_all)
-    print(f"ratio TRL/ours = {ratio:.2f}x median, {ratio_min:.2f}x min  "
-          f"({'ours faster' if ratio > 1 else 'ours NOT faster'})")  # fmt: skip
+    print(
+        f"ratio TRL/ours = {ratio:.2f}x median, {ratio_min:.2f}x min  "
+        f"({'ours faster' if ratio > 1 else 'ours NOT faster'})"
+    )
 
 
 if __name__ == "__main__":

@@ -33,12 +33,24 @@ SEED = 1234
 
 
 def settings_for(redis_url: str, run: str, run_dir: Path, model: Path, args: argparse.Namespace):
-    return load_settings(None, {
-        "redis.url": redis_url, "run": run, "run_dir": str(run_dir), "producer.model": str(model),
-        "producer.producer_id": "bench", "producer.max_groups": args.prompts, "pipeline.group_size": args.group_size,
-        "producer.prompts_per_call": args.prompts_per_call, "producer.sampling.max_new_tokens": args.max_new_tokens,
-        "pipeline.batch_groups": 10_000, "pipeline.rollouts_maxlen": 200_000, "producer.threads": args.threads,
-    }, env={})  # fmt: skip
+    return load_settings(
+        None,
+        {
+            "redis.url": redis_url,
+            "run": run,
+            "run_dir": str(run_dir),
+            "producer.model": str(model),
+            "producer.producer_id": "bench",
+            "producer.max_groups": args.prompts,
+            "pipeline.group_size": args.group_size,
+            "producer.prompts_per_call": args.prompts_per_call,
+            "producer.sampling.max_new_tokens": args.max_new_tokens,
+            "pipeline.batch_groups": 10_000,
+            "pipeline.rollouts_maxlen": 200_000,
+            "producer.threads": args.threads,
+        },
+        env={},
+    )
 
 
 def bare_run(
@@ -110,8 +122,10 @@ def report(args: argparse.Namespace, bare: list[tuple[float, int]], loop: list[t
     (bg, bt), (lg, lt) = rates(bare), rates(loop)
     # per-round ratios (each round runs both back to back), so that drifting machine load cancels out
     per_round = [b_s / l_s for (b_s, _), (l_s, _) in zip(bare, loop, strict=True)]
-    print(f"tiny model, CPU, {torch.get_num_threads()} threads; {args.prompts} prompts x G={args.group_size}, "
-          f"max_new_tokens={args.max_new_tokens}, {args.prompts_per_call} prompts per call; median of {args.rounds} rounds after a warm-up round")  # fmt: skip
+    print(
+        f"tiny model, CPU, {torch.get_num_threads()} threads; {args.prompts} prompts x G={args.group_size}, "
+        f"max_new_tokens={args.max_new_tokens}, {args.prompts_per_call} prompts per call; median of {args.rounds} rounds after a warm-up round"
+    )
     print(
         f"same tokens sampled in both: {[t for _, t in bare] == [t for _, t in loop]} ({bare[0][1]} tokens per round)"
     )

@@ -55,17 +55,31 @@ def main() -> None:
                     saved = dict(os.environ)
                     os.environ.update(env)
                     try:
-                        r = run_pipeline(f"{arm}-k{k}", args.out, redis, model, steps=args.steps, max_staleness=k,
-                                         producers=args.producers, learner_args=flags)  # fmt: skip
+                        r = run_pipeline(
+                            f"{arm}-k{k}",
+                            args.out,
+                            redis,
+                            model,
+                            steps=args.steps,
+                            max_staleness=k,
+                            producers=args.producers,
+                            learner_args=flags,
+                        )
                     finally:
                         os.environ.clear()
                         os.environ.update(saved)
-                    table.append({
-                        "arm": arm, "K": k, "reward_last20": r.avg("reward/mean", 20),
-                        "clip_frac": r.avg("gspo/clip_frac"), "is_ess": r.avg("is/ess"),
-                        "staleness_mean": r.avg("staleness/mean"), "mismatch": r.avg("mismatch/prox_vs_behaviour_abs"),
-                        "wall_s": r.wall_s,
-                    })  # fmt: skip
+                    table.append(
+                        {
+                            "arm": arm,
+                            "K": k,
+                            "reward_last20": r.avg("reward/mean", 20),
+                            "clip_frac": r.avg("gspo/clip_frac"),
+                            "is_ess": r.avg("is/ess"),
+                            "staleness_mean": r.avg("staleness/mean"),
+                            "mismatch": r.avg("mismatch/prox_vs_behaviour_abs"),
+                            "wall_s": r.wall_s,
+                        }
+                    )
                     print(json.dumps(table[-1]), flush=True)
         finally:
             redis.stop()
@@ -73,8 +87,10 @@ def main() -> None:
     print("| arm | K | reward (last 20 steps) | clip frac | IS ESS | staleness mean | mean abs log rho |")
     print("|---|---|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['arm']} | {t['K']} | {t['reward_last20']:.3f} | {t['clip_frac']:.3f} | {t['is_ess']:.3f} | "
-              f"{t['staleness_mean']:.2f} | {t['mismatch']:.4f} |")  # fmt: skip
+        print(
+            f"| {t['arm']} | {t['K']} | {t['reward_last20']:.3f} | {t['clip_frac']:.3f} | {t['is_ess']:.3f} | "
+            f"{t['staleness_mean']:.2f} | {t['mismatch']:.4f} |"
+        )
     (args.out / "table.json").write_text(json.dumps({"machine": machine(), "rows": table}, indent=2))
     for k in ks:
         arms = [a for a in ARMS if (args.out / f"{a}-k{k}" / "metrics.jsonl").exists()]

@@ -36,11 +36,12 @@ def make_group(i: int, rng: np.random.Generator, g: int = 8, tokens: int = 512) 
             "length",
             3,
             3,
-        )  # fmt: skip
+        )
         for _ in range(g)
     )
-    return RolloutGroup(f"g{i}", f"p{i}", rng.integers(0, 150_000, 128, dtype=np.int32), "math_exact", "bench",
-                        "fp", samples)  # fmt: skip
+    return RolloutGroup(
+        f"g{i}", f"p{i}", rng.integers(0, 150_000, 128, dtype=np.int32), "math_exact", "bench", "fp", samples
+    )
 
 
 async def pipeline_path(client, groups: list[RolloutGroup], run: str) -> float:

@@ -93,17 +93,38 @@ def main() -> None:
     if n_completions % args.minibatches:
         raise SystemExit(f"{n_completions} completions do not split into {args.minibatches} mini-batches")
     cfg_kwargs = dict(
-        use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
-        importance_sampling_level="sequence", loss_type="grpo", beta=0.0,
-        epsilon=args.clip_low, epsilon_high=args.clip_high,
-        num_generations=args.group_size, per_device_train_batch_size=n_completions // args.minibatches,
-        steps_per_generation=args.minibatches, gradient_accumulation_steps=1, num_iterations=1,
-        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        adam_beta1=args.beta1, adam_beta2=args.beta2, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip,
-        max_steps=10_000_000, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        importance_sampling_level="sequence",
+        loss_type="grpo",
+        beta=0.0,
+        epsilon=args.clip_low,
+        epsilon_high=args.clip_high,
+        num_generations=args.group_size,
+        per_device_train_batch_size=n_completions // args.minibatches,
+        steps_per_generation=args.minibatches,
+        gradient_accumulation_steps=1,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_beta1=args.beta1,
+        adam_beta2=args.beta2,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.grad_clip,
+        max_steps=10_000_000,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     rows = addition_rows(args.seed, args.dataset_rows)
     dataset = Dataset.from_list(rows)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
@@ -135,8 +156,14 @@ def main() -> None:
             now = time.time()
             if state.global_step % args.minibatches == 0 and batch_rewards:
                 step = state.global_step // args.minibatches
-                row = {"step": step, "opt_step": state.global_step, "reward/mean": batch_rewards[-1],
-                       "time/elapsed_s": now - t0, "time/unix": now, "generation_batches": len(batch_rewards)}  # fmt: skip
+                row = {
+                    "step": step,
+                    "opt_step": state.global_step,
+                    "reward/mean": batch_rewards[-1],
+                    "time/elapsed_s": now - t0,
+                    "time/unix": now,
+                    "generation_batches": len(batch_rewards),
+                }
                 out.write(json.dumps(row) + "\n")
                 out.flush()
             if now >= deadline:
@@ -154,14 +181,25 @@ def main() -> None:
         trainer.train()
         t_end = time.time()
     out.close()
-    print(json.dumps({
-        "trl_version": trl.__version__, "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "startup_s": t_train - t0, "end_s": t_end - t0, "opt_steps": trainer.state.global_step,
-        "batches": len(batch_rewards), "generation_batch": cfg.generation_batch_size,
-        "per_device_train_batch_size": cfg.per_device_train_batch_size, "steps_per_generation": cfg.steps_per_generation,
-        "optim": str(cfg.optim), "lr_scheduler_type": str(cfg.lr_scheduler_type),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "trl_version": trl.__version__,
+                "transformers_version": transformers.__version__,
+                "torch_version": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "startup_s": t_train - t0,
+                "end_s": t_end - t0,
+                "opt_steps": trainer.state.global_step,
+                "batches": len(batch_rewards),
+                "generation_batch": cfg.generation_batch_size,
+                "per_device_train_batch_size": cfg.per_device_train_batch_size,
+                "steps_per_generation": cfg.steps_per_generation,
+                "optim": str(cfg.optim),
+                "lr_scheduler_type": str(cfg.lr_scheduler_type),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

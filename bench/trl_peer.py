@@ -64,13 +64,31 @@ def build_trainer(model_dir: Path, doc: dict, out_dir: Path, steps: int):
 
     n, group = len(doc["prompt_ids"]), doc["group_size"]
     cfg = GRPOConfig(
-        output_dir=str(out_dir), use_cpu=True, importance_sampling_level="sequence", loss_type="grpo",
-        beta=0.0, epsilon=3e-4, epsilon_high=4e-4, bf16=False, activation_checkpointing=False,
-        per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=group,
-        steps_per_generation=1, num_iterations=1, max_completion_length=max(map(len, doc["completion_ids"])),
-        temperature=doc["temperature"], learning_rate=3e-4, max_grad_norm=1.0, max_steps=steps,
-        logging_steps=10_000, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(out_dir),
+        use_cpu=True,
+        importance_sampling_level="sequence",
+        loss_type="grpo",
+        beta=0.0,
+        epsilon=3e-4,
+        epsilon_high=4e-4,
+        bf16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        num_generations=group,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=max(map(len, doc["completion_ids"])),
+        temperature=doc["temperature"],
+        learning_rate=3e-4,
+        max_grad_norm=1.0,
+        max_steps=steps,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = Dataset.from_dict({"prompt": [f"{i:02d}+{i:02d}=" for i in range(max(n, 64))]})
@@ -124,11 +142,22 @@ def main() -> None:
     if len(timer.times_s) != args.steps + 1:
         raise RuntimeError(f"expected {args.steps + 1} timed steps, got {len(timer.times_s)}")
     steps_s = timer.times_s[1:]
-    print(json.dumps({
-        "s_per_step": statistics.median(steps_s), "min_s_per_step": min(steps_s), "steps_s": steps_s, "warmup_s": timer.times_s[0],
-        "trl_version": trl.__version__, "threads": torch.get_num_threads(),
-        "padded_shape": [len(doc["prompt_ids"]), max(map(len, doc["prompt_ids"])) + max(map(len, doc["completion_ids"]))],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "s_per_step": statistics.median(steps_s),
+                "min_s_per_step": min(steps_s),
+                "steps_s": steps_s,
+                "warmup_s": timer.times_s[0],
+                "trl_version": trl.__version__,
+                "threads": torch.get_num_threads(),
+                "padded_shape": [
+                    len(doc["prompt_ids"]),
+                    max(map(len, doc["prompt_ids"])) + max(map(len, doc["completion_ids"])),
+                ],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,18 @@ import hashlib
 import json
 from pathlib import Path
 
-_CONFIG_KEYS = ("architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+_CONFIG_KEYS = (
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
@@ -43,6 +53,7 @@ def _canonical_tokenizer_bytes(p: Path) -> bytes:
     if p.name == "tokenizer.json":
         # only the parts that decide ids: re-serialised so formatting differences do not matter
         obj = json.loads(p.read_text())
-        return json.dumps({k: obj.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")},
-                          sort_keys=True).encode()  # fmt: skip
+        return json.dumps(
+            {k: obj.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}, sort_keys=True
+        ).encode()
     return p.read_bytes()

@@ -66,12 +66,17 @@ def read_manifest(step_dir: Path) -> tuple[Manifest, str]:
     try:
         d = json.loads(raw)
         m = Manifest(
-            step=int(d["step"]), version=int(d["version"]), parent=None if d["parent"] is None else int(d["parent"]),
-            model_fingerprint=str(d["model_fingerprint"]), files={str(k): str(v) for k, v in d["files"].items()},
+            step=int(d["step"]),
+            version=int(d["version"]),
+            parent=None if d["parent"] is None else int(d["parent"]),
+            model_fingerprint=str(d["model_fingerprint"]),
+            files={str(k): str(v) for k, v in d["files"].items()},
             created_at=float(d["created_at"]),
-        )  # fmt: skip
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST} is malformed ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"checkpoint {step_dir}: {MANIFEST} is malformed ({type(e).__name__}: {e})"
+        ) from None
     return m, hashlib.sha256(raw).hexdigest()
 
 
@@ -84,7 +89,9 @@ def verify_checkpoint(step_dir: str | Path, expected_manifest_sha256: str | None
         raise CheckpointError(f"checkpoint {d} is not marked {STABLE} (incomplete write?)")
     manifest, digest = read_manifest(d)
     if expected_manifest_sha256 and digest != expected_manifest_sha256:
-        raise CheckpointError(f"checkpoint {d}: manifest sha256 {digest[:12]} != announced {expected_manifest_sha256[:12]}")
+        raise CheckpointError(
+            f"checkpoint {d}: manifest sha256 {digest[:12]} != announced {expected_manifest_sha256[:12]}"
+        )
     if not manifest.files:
         raise CheckpointError(f"checkpoint {d}: manifest lists no files")
     for rel, want in manifest.files.items():

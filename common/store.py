@@ -60,8 +60,11 @@ def prune_remote(url_root: str, keep: int) -> list[str]:
     fs, root = _fs(url_root)
     if not fs.exists(root):
         return []
-    names = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-                   if n.startswith(STEP_PREFIX))  # fmt: skip
+    names = sorted(
+        n
+        for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        if n.startswith(STEP_PREFIX)
+    )
     doomed = [f"{root.rstrip('/')}/{n}" for n in names[: max(0, len(names) - max(1, keep))]]
     for d in doomed:
         fs.rm(d, recursive=True)

@@ -55,14 +55,18 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             "latest_checkpoint": latest,
             "admitted_groups": int(await client.get(keys.admitted_count) or 0),
             "streams": {
-                "prompts": {"length": await streams.length(keys.prompts),
-                            "backlog": await streams.backlog(keys.prompts, PRODUCERS_GROUP),
-                            "pending": await streams.pending_count(keys.prompts, PRODUCERS_GROUP)},
-                "rollouts": {"length": await streams.length(keys.rollouts),
-                             "backlog": await streams.backlog(keys.rollouts, LEARNER_GROUP),
-                             "pending": await streams.pending_count(keys.rollouts, LEARNER_GROUP)},
+                "prompts": {
+                    "length": await streams.length(keys.prompts),
+                    "backlog": await streams.backlog(keys.prompts, PRODUCERS_GROUP),
+                    "pending": await streams.pending_count(keys.prompts, PRODUCERS_GROUP),
+                },
+                "rollouts": {
+                    "length": await streams.length(keys.rollouts),
+                    "backlog": await streams.backlog(keys.rollouts, LEARNER_GROUP),
+                    "pending": await streams.pending_count(keys.rollouts, LEARNER_GROUP),
+                },
                 "dead": {"length": await streams.length(keys.dead)},
-            },  # fmt: skip
+            },
         }
     finally:
         await client.aclose()

@@ -108,8 +108,14 @@ def apply_truncation_policy(batch: TrainBatch, policy: str) -> TrainBatch:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, settings: Settings, world: World = World(),
-                 ref_model: torch.nn.Module | None = None, pad_id: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: Settings,
+        world: World = World(),
+        ref_model: torch.nn.Module | None = None,
+        pad_id: int = 0,
+    ):
         self.model, self.settings, self.world, self.pad_id = model.eval(), settings, world, pad_id
         ls = settings.learner
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -190,16 +196,33 @@ class Trainer:
         if not later:
             return out
         for micro in self._micro_batches(batch, later):
-            lps = token_logprobs(self.model, batch.sequences(micro), batch.temperatures[micro].tolist(),
-                                 max_row_tokens=self._row_tokens(batch, micro))  # fmt: skip
+            lps = token_logprobs(
+                self.model,
+                batch.sequences(micro),
+                batch.temperatures[micro].tolist(),
+                max_row_tokens=self._row_tokens(batch, micro),
+            )
             out.update(zip(micro, lps, strict=True))
         return out
 
-    def _micro_step(self, batch: TrainBatch, idx: list[int], adv: Tensor, prox: dict[int, Tensor],
-                    denominator: int, acc: _Accumulator) -> None:  # fmt: skip
+    def _micro_step(
+        self,
+        batch: TrainBatch,
+        idx: list[int],
+        adv: Tensor,
+        prox: dict[int, Tensor],
+        denominator: int,
+        acc: _Accumulator,
+    ) -> None:
         temps = batch.temperatures[idx].tolist()
-        res = packed_logprobs(self.model, batch.sequences(idx), temps, max_row_tokens=self._row_tokens(batch, idx),
-                              with_grad=True, pad_id=self.pad_id)  # fmt: skip
+        res = packed_logprobs(
+            self.model,
+            batch.sequences(idx),
+            temps,
+            max_row_tokens=self._row_tokens(batch, idx),
+            with_grad=True,
+            pad_id=self.pad_id,
+        )
         lengths = [len(batch.completion_ids[i]) for i in idx]
         width = max(1, max(lengths))
         logp = pad_rows(res.logprobs, width)  # (b, T)
@@ -207,16 +230,28 @@ class Trainer:
         behaviour = pad_rows([batch.behaviour[i] for i in idx], width).to(logp.device)
         proximal = logp.detach()
         if any(i in prox for i in idx):  # later mini-batches: the values from before the first update
-            proximal = pad_rows([prox[i] if i in prox else lp.detach() for i, lp in zip(idx, res.logprobs, strict=True)],
-                                width).to(logp.device)  # fmt: skip
+            proximal = pad_rows(
+                [prox[i] if i in prox else lp.detach() for i, lp in zip(idx, res.logprobs, strict=True)],
+                width,
+            ).to(logp.device)
         staleness = batch.staleness[idx].to(logp.device)
         loss_cfg = self.settings.loss
         out = policy_loss(
-            logp, proximal, behaviour, adv[idx].to(logp.device), mask, staleness, variant=loss_cfg.variant,
-            clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, clip_stale_scale=loss_cfg.clip_stale_scale,
-            is_mode=loss_cfg.is_mode, is_cap=loss_cfg.is_cap, is_cap_decay=loss_cfg.is_cap_decay,
+            logp,
+            proximal,
+            behaviour,
+            adv[idx].to(logp.device),
+            mask,
+            staleness,
+            variant=loss_cfg.variant,
+            clip_low=loss_cfg.clip_low,
+            clip_high=loss_cfg.clip_high,
+            clip_stale_scale=loss_cfg.clip_stale_scale,
+            is_mode=loss_cfg.is_mode,
+            is_cap=loss_cfg.is_cap,
+            is_cap_decay=loss_cfg.is_cap_decay,
             loss_denominator=float(denominator),
-        )  # fmt: skip
+        )
         loss = out.loss
         kl = self._kl_term(batch, idx, temps, logp, mask, denominator) if self.ref_model is not None else None
         if kl is not None:
@@ -224,8 +259,15 @@ class Trainer:
         loss.backward()
         acc.add(out.stats, float(out.loss.detach()), float(kl.detach()) if kl is not None else 0.0, res)
 
-    def _kl_term(self, batch: TrainBatch, idx: list[int], temps: list[float], logp: Tensor, mask: Tensor,
-                 denominator: int) -> Tensor:  # fmt: skip
+    def _kl_term(
+        self,
+        batch: TrainBatch,
+        idx: list[int],
+        temps: list[float],
+        logp: Tensor,
+        mask: Tensor,
+        denominator: int,
+    ) -> Tensor:
         """k3 estimator of KL(π_θ || π_ref) (Schulman 2020): exp(r) − r − 1, r = log π_ref − log π_θ;
         token mean per sequence, summed over sequences / global denominator."""
         ref = token_logprobs(
@@ -254,20 +296,29 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
     def _metrics(self, batch: TrainBatch, acc: _Accumulator, keys: list[str]) -> dict[str, float]:
         stats = reduce_stats(self.world, merge_stats(*acc.stats), keys)
-        sums = all_reduce_sum(self.world, [acc.loss, acc.kl, acc.entropy_sum, acc.completion_tokens,
-                                           acc.real_tokens, acc.computed_tokens])  # fmt: skip
+        sums = all_reduce_sum(
+            self.world,
+            [acc.loss, acc.kl, acc.entropy_sum, acc.completion_tokens, acc.real_tokens, acc.computed_tokens],
+        )
         loss, kl, entropy_sum, completion_tokens, real, computed = sums
         n_updates = max(1, len(acc.grad_norms))
         metrics: dict[str, float] = {}
         for name, value in (metrics_from_stats(stats) if stats else {}).items():
             base, _, bucket = name.partition("/")
             metrics[_METRIC_NAMES[base] + (f"/{bucket}" if bucket else "")] = value
-        metrics.update({
-            "loss": loss / n_updates, "kl": kl / n_updates, "entropy": entropy_sum / max(1.0, completion_tokens),
-            "grad_norm": sum(acc.grad_norms) / n_updates, "grad/skipped_steps": float(acc.skipped),
-            "lr": self.scheduler.get_last_lr()[0], "padding/frac": (computed - real) / max(1.0, real),
-            "tokens/real": real, "tokens/completion": completion_tokens,
-        })  # fmt: skip
+        metrics.update(
+            {
+                "loss": loss / n_updates,
+                "kl": kl / n_updates,
+                "entropy": entropy_sum / max(1.0, completion_tokens),
+                "grad_norm": sum(acc.grad_norms) / n_updates,
+                "grad/skipped_steps": float(acc.skipped),
+                "lr": self.scheduler.get_last_lr()[0],
+                "padding/frac": (computed - real) / max(1.0, real),
+                "tokens/real": real,
+                "tokens/completion": completion_tokens,
+            }
+        )
         return metrics
 
 

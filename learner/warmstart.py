@@ -54,17 +54,30 @@ def sampled_reward(model, tok, n_prompts: int = 128, seed: int = 1234, max_new_t
     enc = tok([r.prompt for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
     model.eval()
     out = model.generate(
-        **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+        **enc,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return sum(addition_reward(t, r.meta) for t, r in zip(texts, rows, strict=True)) / n_prompts
 
 
 def warm_start(
-    model_dir: str | Path, out_dir: str | Path, *, target_reward: float = 0.2, max_steps: int = 3000,
-    batch_size: int = 64, lr: float = 1e-3, eval_every: int = 50, seed: int = 0,
-) -> WarmStartResult:  # fmt: skip
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    target_reward: float = 0.2,
+    max_steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    eval_every: int = 50,
+    seed: int = 0,
+) -> WarmStartResult:
     """Train until the sampled reward reaches ``target_reward`` (or ``max_steps``); save to ``out_dir``."""
     torch.manual_seed(seed)
     rng = random.Random(seed)

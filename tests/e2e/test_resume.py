@@ -23,10 +23,25 @@ def gspo_up(run_dir: Path, model: Path, max_steps: int) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSPO_")}
     env["GSPO_PIPELINE__BATCH_GROUPS"] = "4"
     return subprocess.run(
-        [sys.executable, "-m", "gspo", "up", "--run-dir", str(run_dir), "--model", str(model),
-         "--max-steps", str(max_steps)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gspo",
+            "up",
+            "--run-dir",
+            str(run_dir),
+            "--model",
+            str(model),
+            "--max-steps",
+            str(max_steps),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def steps_logged(run_dir: Path) -> list[int]:
@@ -36,8 +51,13 @@ def steps_logged(run_dir: Path) -> list[int]:
 def break_lag_and_rewrite_aof(run_dir: Path) -> None:
     """Start the run's embedded Redis, make XINFO report a lag of every prompt ever added while nothing is
     undelivered (entries-read lost, as after the AOF rewrite seen in a real run), rewrite the AOF, stop."""
-    url = subprocess.run([sys.executable, "-m", "gspo", "redis", "start", "--run-dir", str(run_dir)],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    url = subprocess.run(
+        [sys.executable, "-m", "gspo", "redis", "start", "--run-dir", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     c = redis.Redis.from_url(url)
     try:
         prompts = RunKeys("default").prompts

@@ -31,8 +31,14 @@ def _live_producers(client: redis.Redis, keys: RunKeys) -> int:
 def test_scale_producers_2_to_3_to_1_while_learning(redis_url, run_id, tiny_model_dir, tmp_path):
     keys = RunKeys(run_id)
     client = redis.Redis.from_url(redis_url)
-    cluster = LocalCluster(run=run_id, run_dir=tmp_path, redis_url=redis_url, model=str(tiny_model_dir),
-                           learner_args=["--max-steps", str(MAX_STEPS)], env=SMALL)  # fmt: skip
+    cluster = LocalCluster(
+        run=run_id,
+        run_dir=tmp_path,
+        redis_url=redis_url,
+        model=str(tiny_model_dir),
+        learner_args=["--max-steps", str(MAX_STEPS)],
+        env=SMALL,
+    )
     seen_live: list[int] = []
     try:
         cluster.start_learner()
@@ -45,9 +51,13 @@ def test_scale_producers_2_to_3_to_1_while_learning(redis_url, run_id, tiny_mode
         seen_live.append(_live_producers(client, keys))
         removed_at = _step(tmp_path)
         cluster.scale_producers(1)  # two graceful SIGTERM drains
-        assert wait_until(lambda: _live_producers(client, keys) == 1, 30), "drained producers did not deregister"
+        assert wait_until(lambda: _live_producers(client, keys) == 1, 30), (
+            "drained producers did not deregister"
+        )
         seen_live.append(1)
-        assert wait_until(lambda: not cluster.learner.alive, 240), "learner did not reach max_steps with 1 producer"
+        assert wait_until(lambda: not cluster.learner.alive, 240), (
+            "learner did not reach max_steps with 1 producer"
+        )
     finally:
         codes = cluster.stop()
     assert cluster.learner.proc.returncode == 0, (tmp_path / "logs" / "learner.out").read_text()[-3000:]
@@ -66,7 +76,10 @@ def test_scale_producers_2_to_3_to_1_while_learning(redis_url, run_id, tiny_mode
     # (counted), or is still waiting in the rollouts stream for the next step
     in_stream = {decode(f[b"m"], RolloutGroup).group_id for _, f in client.xrange(keys.rollouts)}
     delivered = {g["name"].decode(): g for g in _groups(client, keys.prompts)}
-    pending_prompts = {e["message_id"].decode() for e in client.xpending_range(keys.prompts, PRODUCERS_GROUP, "-", "+", 10_000)}
+    pending_prompts = {
+        e["message_id"].decode()
+        for e in client.xpending_range(keys.prompts, PRODUCERS_GROUP, "-", "+", 10_000)
+    }
     acked_task_ids = set()
     last = delivered[PRODUCERS_GROUP]["last-delivered-id"].decode()
     for entry_id, fields in client.xrange(keys.prompts, max=last):
@@ -79,7 +92,10 @@ def test_scale_producers_2_to_3_to_1_while_learning(redis_url, run_id, tiny_mode
 
 
 def _groups(client: redis.Redis, stream: str) -> list[dict]:
-    return [{(k.decode() if isinstance(k, bytes) else k): v for k, v in g.items()} for g in client.xinfo_groups(stream)]
+    return [
+        {(k.decode() if isinstance(k, bytes) else k): v for k, v in g.items()}
+        for g in client.xinfo_groups(stream)
+    ]
 
 
 def _task_id(payload: bytes) -> str:

@@ -27,8 +27,13 @@ def test_gspo_up_learns_the_reference_task(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSPO_")}
     proc = subprocess.run(
         [sys.executable, "-m", "gspo", "up", "--run-dir", str(run_dir), "--minutes", "2.5"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

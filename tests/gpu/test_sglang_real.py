@@ -32,9 +32,24 @@ pytestmark = [
 def sglang_server(tiny_model_dir: Path, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("sglang") / "server.log").open("wb")
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tiny_model_dir), "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "float32", "--mem-fraction-static", "0.2", "--disable-cuda-graph",
-           "--weight-version", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        "float32",
+        "--mem-fraction-static",
+        "0.2",
+        "--disable-cuda-graph",
+        "--weight-version",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     yield f"http://127.0.0.1:{port}"
     proc.terminate()

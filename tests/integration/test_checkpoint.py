@@ -32,9 +32,15 @@ def trained(tiny_model_dir: Path) -> Trainer:
 
 
 def publish(trainer: Trainer, root: Path, step: int, tiny_model_dir: Path) -> tuple[Path, str]:
-    snap = take_snapshot(trainer.model, trainer.optimizer, trainer.scheduler, step=step,
-                         counters={"consumed": 7, "prompt_cursor": 40}, entry_ids=["1-0", "2-0"],
-                         trained_ids=["g0", "g1"])  # fmt: skip
+    snap = take_snapshot(
+        trainer.model,
+        trainer.optimizer,
+        trainer.scheduler,
+        step=step,
+        counters={"consumed": 7, "prompt_cursor": 40},
+        entry_ids=["1-0", "2-0"],
+        trained_ids=["g0", "g1"],
+    )
     return write_checkpoint(root, snap, trainer.model, load_tokenizer(tiny_model_dir), "fp", parent=step - 1)
 
 

@@ -23,9 +23,34 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def learner_cmd(redis_url: str, run_id: str, model: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "gspo", "learner", "--redis-url", redis_url, "--run", run_id, "--model", str(model),
-            "--run-dir", str(run_dir), "--max-steps", "8", "--publish-every", "2", "-B", "2", "-K", "100",
-            "--dataset", "", "--threads", "1", "--log-level", "WARNING"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "gspo",
+        "learner",
+        "--redis-url",
+        redis_url,
+        "--run",
+        run_id,
+        "--model",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        "8",
+        "--publish-every",
+        "2",
+        "-B",
+        "2",
+        "-K",
+        "100",
+        "--dataset",
+        "",
+        "--threads",
+        "1",
+        "--log-level",
+        "WARNING",
+    ]
 
 
 def start(cmd: list[str], crash_at: str | None) -> subprocess.Popen:

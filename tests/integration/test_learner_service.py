@@ -21,14 +21,35 @@ from modeling import load_model
 
 pytestmark = pytest.mark.redis
 
-REQUIRED = ("step", "reward/mean", "staleness/mean", "gspo/clip_frac", "throughput/tokens_per_s", "loss", "grad_norm",
-            "lr", "entropy", "is/ess", "mismatch/prox_vs_behaviour_abs", "staleness/hist", "staleness/dropped",
-            "stream/backlog", "stream/pending", "weights/publish_s", "padding/frac", "time/step_s", "time/wait_s",
-            "groups/ids", "length/mean", "frac_zero_std")  # fmt: skip
+REQUIRED = (
+    "step",
+    "reward/mean",
+    "staleness/mean",
+    "gspo/clip_frac",
+    "throughput/tokens_per_s",
+    "loss",
+    "grad_norm",
+    "lr",
+    "entropy",
+    "is/ess",
+    "mismatch/prox_vs_behaviour_abs",
+    "staleness/hist",
+    "staleness/dropped",
+    "stream/backlog",
+    "stream/pending",
+    "weights/publish_s",
+    "padding/frac",
+    "time/step_s",
+    "time/wait_s",
+    "groups/ids",
+    "length/mean",
+    "frac_zero_std",
+)
 
 
-def make_groups(model_dir: Path, n: int, *, group_size: int = 4, seed: int = 0, prefix: str = "g",
-                version: int = 0) -> list[RolloutGroup]:  # fmt: skip
+def make_groups(
+    model_dir: Path, n: int, *, group_size: int = 4, seed: int = 0, prefix: str = "g", version: int = 0
+) -> list[RolloutGroup]:
     """Random completions with behaviour log-probs recomputed by the tiny model (T = 1)."""
     model = load_model(model_dir)
     fp = model_fingerprint(model_dir)
@@ -38,8 +59,10 @@ def make_groups(model_dir: Path, n: int, *, group_size: int = 4, seed: int = 0, 
         prompt = [rng.randrange(4, 40) for _ in range(6)]
         comps = [[rng.randrange(4, 40) for _ in range(rng.randint(1, 5))] for _ in range(group_size)]
         lps = token_logprobs(model, [(prompt, c) for c in comps], 1.0)
-        samples = tuple(Sample(np.array(c, np.int32), lp.numpy(), float(rng.random() < 0.5), "stop", version, version)
-                        for c, lp in zip(comps, lps, strict=True))  # fmt: skip
+        samples = tuple(
+            Sample(np.array(c, np.int32), lp.numpy(), float(rng.random() < 0.5), "stop", version, version)
+            for c, lp in zip(comps, lps, strict=True)
+        )
         groups.append(
             RolloutGroup(
                 f"{prefix}{g:04d}", f"p{g}", np.array(prompt, np.int32), "addition", "test", fp, samples
@@ -48,14 +71,26 @@ def make_groups(model_dir: Path, n: int, *, group_size: int = 4, seed: int = 0, 
     return groups
 
 
-def learner_settings(run_id: str, redis_url: str, run_dir: Path, model_dir: Path, max_staleness: int = 1,
-                     **learner) -> Settings:  # fmt: skip
-    return load_settings(overrides={
-        "run": run_id, "run_dir": str(run_dir), "redis.url": redis_url, "learner.model": str(model_dir),
-        "pipeline.batch_groups": 2, "pipeline.group_size": 4, "learner.publish_every": 2, "learner.max_steps": 4,
-        "learner.dataset": "", "learner.threads": 1, "learner.wait_log_s": 1.0, "pipeline.max_staleness": max_staleness,
-        **{f"learner.{k}": v for k, v in learner.items()},
-    })  # fmt: skip
+def learner_settings(
+    run_id: str, redis_url: str, run_dir: Path, model_dir: Path, max_staleness: int = 1, **learner
+) -> Settings:
+    return load_settings(
+        overrides={
+            "run": run_id,
+            "run_dir": str(run_dir),
+            "redis.url": redis_url,
+            "learner.model": str(model_dir),
+            "pipeline.batch_groups": 2,
+            "pipeline.group_size": 4,
+            "learner.publish_every": 2,
+            "learner.max_steps": 4,
+            "learner.dataset": "",
+            "learner.threads": 1,
+            "learner.wait_log_s": 1.0,
+            "pipeline.max_staleness": max_staleness,
+            **{f"learner.{k}": v for k, v in learner.items()},
+        }
+    )
 
 
 async def run_learner(main, s: Settings, resume: bool | None = None, timeout_s: float = 50.0) -> int:
@@ -95,8 +130,15 @@ async def test_service_trains_publishes_acks_and_dead_letters(
     payloads += [encode(g) for g in groups[3:]]
     for p in payloads:
         await aredis.xadd(keys.rollouts, {b"m": p})
-    s = learner_settings(run_id, redis_url, tmp_path / "run", tiny_model_dir, max_staleness=5, dataset="addition",
-                         prompts_ahead=2)  # fmt: skip
+    s = learner_settings(
+        run_id,
+        redis_url,
+        tmp_path / "run",
+        tiny_model_dir,
+        max_staleness=5,
+        dataset="addition",
+        prompts_ahead=2,
+    )
 
     assert await run_learner(main, s) == 0
 

@@ -24,8 +24,14 @@ def one_by_one(model, prompt: list[int], completion: list[int], temperature: flo
     return logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
 
 
-def hand_groups(model, n_groups: int = 2, group_size: int = 4, seed: int = 0, temperature: float = 0.9,
-                noise: float = 0.05) -> list[tuple[RolloutGroup, int]]:  # fmt: skip
+def hand_groups(
+    model,
+    n_groups: int = 2,
+    group_size: int = 4,
+    seed: int = 0,
+    temperature: float = 0.9,
+    noise: float = 0.05,
+) -> list[tuple[RolloutGroup, int]]:
     """Groups with random completions; behaviour log-probs = recomputed ones + noise (an engine mismatch)."""
     rng = random.Random(seed)
     out = []
@@ -36,10 +42,26 @@ def hand_groups(model, n_groups: int = 2, group_size: int = 4, seed: int = 0, te
             comp = [rng.randrange(4, 40) for _ in range(rng.randint(1, 9))]
             lp = one_by_one(model, prompt, comp, temperature).numpy()
             lp = np.minimum(lp + noise * np.array([rng.uniform(-1, 1) for _ in comp], dtype=np.float32), 0.0)
-            samples.append(Sample(np.array(comp, np.int32), lp.astype(np.float32), float(j == 0 or rng.random() < 0.3),
-                                  "stop", 0, 0))  # fmt: skip
-        grp = RolloutGroup(f"g{g}", f"p{g}", np.array(prompt, np.int32), "addition", "test", "fp", tuple(samples),
-                           temperature=temperature)  # fmt: skip
+            samples.append(
+                Sample(
+                    np.array(comp, np.int32),
+                    lp.astype(np.float32),
+                    float(j == 0 or rng.random() < 0.3),
+                    "stop",
+                    0,
+                    0,
+                )
+            )
+        grp = RolloutGroup(
+            f"g{g}",
+            f"p{g}",
+            np.array(prompt, np.int32),
+            "addition",
+            "test",
+            "fp",
+            tuple(samples),
+            temperature=temperature,
+        )
         out.append((grp, g))  # staleness 0 and 1
     return out
 
@@ -66,8 +88,21 @@ def reference_loss(model, batch: TrainBatch, s: Settings) -> torch.Tensor:
     adv = torch.cat(
         [group_advantages(batch.rewards[i * 4 : i * 4 + 4], 4) for i in range(len(batch.group_sizes))]
     )
-    return policy_loss(logp, logp, behav, adv.float(), mask, batch.staleness, variant="gspo", clip_low=0.2,
-                       clip_high=0.28, clip_stale_scale=0.0, is_mode="truncate", is_cap=2.0, is_cap_decay=1.0).loss  # fmt: skip
+    return policy_loss(
+        logp,
+        logp,
+        behav,
+        adv.float(),
+        mask,
+        batch.staleness,
+        variant="gspo",
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_stale_scale=0.0,
+        is_mode="truncate",
+        is_cap=2.0,
+        is_cap_decay=1.0,
+    ).loss
 
 
 @pytest.mark.parametrize("micro_batch_tokens", [64, 4096])
@@ -92,9 +127,19 @@ def test_step_raises_the_logprob_of_the_positive_advantage_sample(tiny_model_dir
     groups = hand_groups(model, n_groups=1, group_size=4, seed=3)
     rewards = [1.0, 0.0, 0.0, 0.0]  # sample 0 has the only positive advantage
     g, k = groups[0]
-    g = RolloutGroup(g.group_id, g.prompt_id, g.prompt_ids, g.task, g.producer_id, g.model_fingerprint,
-                     tuple(Sample(x.completion_ids, x.logprobs, r, "stop", 0, 0) for x, r in zip(g.samples, rewards, strict=True)),
-                     temperature=g.temperature)  # fmt: skip
+    g = RolloutGroup(
+        g.group_id,
+        g.prompt_id,
+        g.prompt_ids,
+        g.task,
+        g.producer_id,
+        g.model_fingerprint,
+        tuple(
+            Sample(x.completion_ids, x.logprobs, r, "stop", 0, 0)
+            for x, r in zip(g.samples, rewards, strict=True)
+        ),
+        temperature=g.temperature,
+    )
     batch = build_batch([(g, 0)])
     before = [
         one_by_one(model, batch.prompt_ids[i], batch.completion_ids[i], 0.9).mean().item() for i in range(4)

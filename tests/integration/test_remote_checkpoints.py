@@ -112,8 +112,15 @@ async def test_failed_upload_is_not_announced_nor_acked(tiny_model_dir, redis_ur
     for g in make_groups(tiny_model_dir, 2):
         await aredis.xadd(keys.rollouts, {b"m": encode(g)})
     (tmp_path / "not-a-dir").write_text("a file where the store's directory should be")
-    s = learner_settings(run_id, redis_url, tmp_path / "run", tiny_model_dir, max_steps=1, publish_every=1,
-                         checkpoint_url=f"file://{tmp_path / 'not-a-dir'}")  # fmt: skip
+    s = learner_settings(
+        run_id,
+        redis_url,
+        tmp_path / "run",
+        tiny_model_dir,
+        max_steps=1,
+        publish_every=1,
+        checkpoint_url=f"file://{tmp_path / 'not-a-dir'}",
+    )
     assert await run_learner(main, s) == 2  # the final checkpoint is not durable: stated failure
     assert await aredis.get(keys.latest) is None and await aredis.xlen(keys.checkpoints) == 0
     assert (await aredis.xpending(keys.rollouts, LEARNER_GROUP))["pending"] == 2
@@ -131,10 +138,22 @@ async def test_learner_announces_urls_and_producer_loads_from_its_cache(
     keys = RunKeys(run_id)
     cache = tmp_path / "cache"
     await put_prompts(aredis, run_id, [(i, 3) for i in range(6)])
-    psettings = make_settings(redis_url, run_id, tmp_path / "prun", tiny_model_dir, **{
-        "pipeline.batch_groups": 2, "pipeline.max_staleness": 1, "producer.cache_dir": str(cache)})  # fmt: skip
-    lsettings = learner_settings(run_id, redis_url, tmp_path / "lrun", tiny_model_dir, max_steps=2,
-                                 publish_every=1, checkpoint_url=store)  # fmt: skip
+    psettings = make_settings(
+        redis_url,
+        run_id,
+        tmp_path / "prun",
+        tiny_model_dir,
+        **{"pipeline.batch_groups": 2, "pipeline.max_staleness": 1, "producer.cache_dir": str(cache)},
+    )
+    lsettings = learner_settings(
+        run_id,
+        redis_url,
+        tmp_path / "lrun",
+        tiny_model_dir,
+        max_steps=2,
+        publish_every=1,
+        checkpoint_url=store,
+    )
     stop = asyncio.Event()
     producer = asyncio.create_task(serve(psettings, stop))
     try:

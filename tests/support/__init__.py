@@ -32,8 +32,14 @@ def write_step_dir(root: Path, step: int, model_dir: Path, *, perturb: float = 0
     load_tokenizer(model_dir).save_pretrained(out)
     (out / "trainer_state").mkdir()
     (out / "trainer_state" / "state.json").write_text(f'{{"step": {step}}}')
-    manifest = Manifest(step=step, version=step, parent=step - 1 if step else None,
-                        model_fingerprint=model_fingerprint(model_dir), files=hash_tree(out), created_at=time.time())  # fmt: skip
+    manifest = Manifest(
+        step=step,
+        version=step,
+        parent=step - 1 if step else None,
+        model_fingerprint=model_fingerprint(model_dir),
+        files=hash_tree(out),
+        created_at=time.time(),
+    )
     (out / MANIFEST).write_bytes(manifest.to_json())
     (out / STABLE).touch()
     os.sync()
@@ -43,8 +49,13 @@ def write_step_dir(root: Path, step: int, model_dir: Path, *, perturb: float = 0
 async def announce(streams: StreamClient, keys: RunKeys, step_dir: Path) -> CheckpointAnnouncement:
     """XADD the announcement to keys.checkpoints and SET keys.latest, as the learner does."""
     manifest, digest = read_manifest(step_dir)
-    ann = CheckpointAnnouncement(step=manifest.step, version=manifest.version, path=str(step_dir.resolve()),
-                                 manifest_sha256=digest, model_fingerprint=manifest.model_fingerprint)  # fmt: skip
+    ann = CheckpointAnnouncement(
+        step=manifest.step,
+        version=manifest.version,
+        path=str(step_dir.resolve()),
+        manifest_sha256=digest,
+        model_fingerprint=manifest.model_fingerprint,
+    )
     await streams.append(keys.checkpoints, encode(ann), maxlen=1000)
     await streams.redis.set(keys.latest, encode(ann))
     return ann
