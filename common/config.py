@@ -108,6 +108,11 @@ class ProducerSettings(_Section):
     )
     producer_id: str = Field("", description="unique id; empty = hostname-pid")
     prompts_per_call: int = Field(8, ge=1, le=4096, description="prompts batched into one engine call")
+    max_prompt_tokens: int = Field(
+        0,
+        ge=0,
+        description="longest prompt in tokens; longer ones are dead-lettered as prompt_too_long (0 = only the context length, prompt + max_new_tokens, limits)",
+    )
     device: str = Field("cpu", description="torch device of the transformers engine")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="transformers engine dtype"

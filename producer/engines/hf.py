@@ -154,6 +154,8 @@ class HFEngine(Engine):
         self.version = version
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = self._eos_ids()
+        # prompt + max_new_tokens beyond the model's positions: the engine stage fails the prompt before the call
+        self.context_limit = getattr(self.model.config, "max_position_embeddings", None)
         self._neutralise_generation_config()
         self._lock = threading.Lock()  # generate and reload never overlap: versions cannot change mid-call
         self._loop: dict[str, bool | str] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -9,8 +10,15 @@ import pytest
 
 from common.fingerprint import model_fingerprint
 from modeling import build_tiny_model
-from producer.engines.base import SamplingParams
-from producer.engines.sglang import SGLangEngine, SGLangError, parse_generate, parse_item
+from producer.engines.base import PromptFailure, SamplingParams
+from producer.engines.sglang import (
+    SGLangEngine,
+    SGLangError,
+    SGLangRefused,
+    SGLangTimeout,
+    parse_generate,
+    parse_item,
+)
 from tests.support import write_step_dir
 from tests.support.fake_sglang import FakeSGLang
 
@@ -105,10 +113,14 @@ async def test_timeout_is_retried_then_reported(fake, tiny_model_dir):
     )
     fake.faults.slow, fake.faults.delay_s = 1, 1.0
     try:
-        out = await eng.generate(PROMPTS, 1, SAMPLING)  # one slow answer: retried
-        assert [len(g) for g in out] == [1, 1]
+        out = await eng.generate(PROMPTS[:1], 1, SAMPLING)  # one slow answer: retried
+        assert [len(g) for g in out] == [1]
         fake.faults.slow = 5
-        with pytest.raises(SGLangError, match="failed after 2 attempts: ReadTimeout"):
+        with pytest.raises(SGLangTimeout, match="failed after 2 attempts: ReadTimeout"):
+            await eng.generate(PROMPTS[:1], 1, SAMPLING)
+        # a batch is not retried whole: the engine stage splits it (tests/integration/test_engine_stage.py)
+        fake.faults.slow = 1
+        with pytest.raises(SGLangTimeout, match="no answer within 0.3s"):
             await eng.generate(PROMPTS, 1, SAMPLING)
     finally:
         await eng.close()
@@ -199,3 +211,173 @@ def test_parse_item_accepts_sglang_shape_and_rejects_bad_finish_reason():
     item["meta_info"]["finish_reason"] = None
     with pytest.raises(SGLangError, match="finish_reason None is not one of"):
         parse_item(item, "item 0", 0)
+
+
+def test_weight_version_strings_map_to_versions():
+    meta = {"output_token_logprobs": [[-0.5, 7, None]], "finish_reason": {"type": "length"}}
+    item = {"output_ids": [7], "meta_info": meta}
+    # "default" (no --weight-version) and any other non-integer launch value: the launch weights, version 0
+    for raw, want in (("default", 0), ("base", 0), ("0", 0), ("12", 12), (None, 4)):
+        meta["weight_version"] = raw
+        assert parse_item(item, "item 0", 4).version_start == want, raw
+
+
+# --------------------------------------------------------------------------- versions and server settings
+@pytest.fixture
+def make_fake(tiny_model_dir):
+    started = []
+
+    def make(**kw) -> FakeSGLang:
+        server = FakeSGLang(tiny_model_dir, **kw).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def engine_for(server: FakeSGLang, model_dir, **kw) -> SGLangEngine:
+    kw = {"timeout_s": 5.0, "retries": 3, "backoff_s": 0.05, "startup_timeout_s": 5.0, **kw}
+    return SGLangEngine(server.url, fingerprint=model_fingerprint(model_dir), **kw)
+
+
+@pytest.mark.parametrize("old_api", [False, True], ids=["0.5.23", "0.5.2"])
+async def test_start_reads_the_context_limit_from_new_and_old_apis(make_fake, tiny_model_dir, old_api):
+    server = make_fake(context_len=64, old_api=old_api)
+    eng = engine_for(server, tiny_model_dir)
+    try:
+        await eng.start()
+        # max_req_input_len = min(64 - 1, pool - 1) - 5 = 58; prompt + max_new_tokens <= 58 + 4 = 62
+        assert eng.context_limit == 62
+        infos = [p for p in server.paths() if "info" in p]
+        assert infos == (["/model_info", "/server_info"] if not old_api else
+                         ["/model_info", "/get_model_info", "/server_info", "/get_server_info"])  # fmt: skip
+        # at the limit: neither refused nor clipped (SGLang clips max_new_tokens to max_req_len - prompt - 1)
+        out = await eng.generate([[5] * 54], 2, SamplingParams(max_new_tokens=8, stop_token_ids=()))
+        assert len(out[0]) == 2
+        with pytest.raises(SGLangRefused, match="HTTP 400: Requested token count exceeds"):
+            await eng.generate([[5] * 56, PROMPTS[0]], 2, SamplingParams(max_new_tokens=8))
+    finally:
+        await eng.close()
+
+
+async def test_a_smaller_kv_pool_lowers_the_context_limit(make_fake, tiny_model_dir):
+    server = make_fake(context_len=200, max_total_num_tokens=40)
+    eng = engine_for(server, tiny_model_dir)
+    try:
+        await eng.start()
+        assert eng.context_limit == 38  # min(199, 39) - 5 + 4
+    finally:
+        await eng.close()
+
+
+@pytest.mark.parametrize("old_api", [False, True], ids=["0.5.23", "0.5.2"])
+@pytest.mark.parametrize(
+    ("preferred", "setting"),
+    [
+        ({"repetition_penalty": 1.1}, "repetition_penalty=1.1"),
+        ({"frequency_penalty": 0.5, "temperature": 0.6}, "frequency_penalty=0.5"),
+        ({"presence_penalty": -0.2}, "presence_penalty=-0.2"),
+        ({"min_new_tokens": 4}, "min_new_tokens=4"),
+        ({"min_p": 0.05}, "min_p=0.05"),
+        ({"logit_bias": {"5": -100}}, "logit_bias"),
+    ],
+)
+async def test_penalised_preferred_sampling_params_are_refused_at_start(make_fake, tiny_model_dir, old_api, preferred,
+                                                                       setting):  # fmt: skip
+    server = make_fake(preferred_sampling_params=preferred, old_api=old_api)
+    eng = engine_for(server, tiny_model_dir)
+    try:
+        with pytest.raises(SGLangError, match=f"--preferred-sampling-params sets {setting}") as info:
+            await eng.start()
+        assert "\n" not in str(info.value)
+    finally:
+        await eng.close()
+
+
+async def test_neutral_preferred_sampling_params_are_accepted(make_fake, tiny_model_dir):
+    # temperature/top_p/top_k are sent with every request; neutral penalties change nothing
+    preferred = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.0, "stop": ["\n\n"]}
+    server = make_fake(preferred_sampling_params=preferred, old_api=True)
+    eng = engine_for(server, tiny_model_dir)
+    try:
+        await eng.start()
+    finally:
+        await eng.close()
+
+
+async def test_raw_logprobs_are_refused_at_start_and_ours_pass(make_fake, tiny_model_dir, caplog):
+    good = engine_for(make_fake(), tiny_model_dir)
+    raw_server = make_fake()
+    raw_server.faults.original_logprob = True
+    raw = engine_for(raw_server, tiny_model_dir)
+    try:
+        await good.start()
+        assert not [r for r in caplog.records if "probe" in r.getMessage()]  # conclusive, and as expected
+        with pytest.raises(SGLangError, match="RETURN_ORIGINAL_LOGPROB"):
+            await raw.start()
+    finally:
+        await good.close()
+        await raw.close()
+
+
+async def test_aborts_without_output_ids_are_resubmitted(engine, fake):
+    fake.faults.abort_bare = 3  # older servers: aborted samples carry neither output_ids nor log-probs
+    out = await engine.generate(PROMPTS, 2, SAMPLING)
+    assert [len(g) for g in out] == [2, 2] and all(c.finish_reason != "abort" for g in out for c in g)
+    assert engine.resubmitted == 3
+
+
+async def test_samples_aborted_at_every_resubmission_fail_their_prompt_only(engine, fake):
+    fake.faults.abort_prompt = PROMPTS[0]  # aborted in the first call and in each of the 3 resubmissions
+    out = await engine.generate(PROMPTS, 2, SAMPLING)
+    assert out[0] == PromptFailure(
+        "engine_aborted",
+        "2 of 2 samples still aborted after 3 resubmissions (last abort: Abort before prefill)",
+    )
+    assert len(out[1]) == 2 and fake.paths().count("/generate") == 4
+
+
+@pytest.mark.parametrize("launch", ["default", "0"])
+async def test_a_restarted_server_gets_the_loaded_checkpoint_back(
+    make_fake, tiny_model_dir, tmp_path, launch
+):
+    server = make_fake(launch_weight_version=launch)
+    eng = engine_for(server, tiny_model_dir)
+    step = write_step_dir(tmp_path, 5, tiny_model_dir, perturb=0.05)
+    try:
+        await eng.load_weights(str(step), 5)
+        server.restart()  # serves the base weights again, weight_version back to the launch value
+        assert server.weight_version == launch
+        out = await eng.generate(PROMPTS, 2, SAMPLING)
+        assert {(c.version_start, c.version_end) for g in out for c in g} == {(5, 5)}
+        assert server.paths().count("/update_weights_from_disk") == 2 and server.served_path == str(step)
+        assert (eng.restarts, eng.version) == (1, 5)
+    finally:
+        await eng.close()
+
+
+async def test_a_restarted_server_whose_checkpoint_is_gone_labels_its_launch_weights(make_fake, tiny_model_dir,
+                                                                                    tmp_path):  # fmt: skip
+    server = make_fake(launch_weight_version="0")
+    eng = engine_for(server, tiny_model_dir)
+    step = write_step_dir(tmp_path, 5, tiny_model_dir, perturb=0.05)
+    try:
+        await eng.load_weights(str(step), 5)
+        shutil.rmtree(step)  # pruned by the learner meanwhile
+        server.restart()
+        out = await eng.generate(PROMPTS, 2, SAMPLING)
+        # the server serves its launch (base) weights: the samples say so, and the engine's version too, so
+        # the weight follower loads the newest checkpoint at its next poll
+        assert {(c.version_start, c.version_end) for g in out for c in g} == {(0, 0)}
+        assert (eng.restarts, eng.version) == (1, 0)
+    finally:
+        await eng.close()
+
+
+async def test_http_400_is_a_refusal_not_retried(engine, fake):
+    fake.faults.http_400 = 1
+    with pytest.raises(SGLangRefused, match="HTTP 400: sampling_params: unsupported field"):
+        await engine.generate(PROMPTS, 2, SAMPLING)
+    assert fake.paths().count("/generate") == 1
