@@ -19,7 +19,11 @@
 #   SGLANG_HOST         address SGLang binds [127.0.0.1; 0.0.0.0 when a router must reach it]
 #   SGLANG_PORT         [30000]
 #   SGLANG_URL          URL the producer uses and registers with a router [http://127.0.0.1:$SGLANG_PORT]
-#   SGLANG_EXTRA_ARGS   more launch_server flags, e.g. "--tp-size 2 --mem-fraction-static 0.8"
+#   SGLANG_EXTRA_ARGS   more launch_server flags, e.g. "--tp-size 2 --mem-fraction-static 0.8". Not:
+#                       --preferred-sampling-params with penalties/min_p/min_new_tokens/logit_bias, a
+#                       watermark, or RETURN_ORIGINAL_LOGPROB / SGLANG_RETURN_ORIGINAL_LOGPROB in the
+#                       environment: the producer refuses such a server (its log-probs would not be those
+#                       of the distribution it samples from)
 #   SGLANG_STARTUP_TIMEOUT_S  how long to wait for /health [1200]
 #   SGLANG_ROUTER_URL   optional sglang-router: the producer registers SGLANG_URL there; removed on exit
 #   PRODUCER_ID         [$(hostname)-$SGLANG_PORT]
@@ -111,9 +115,14 @@ wait_healthy() {
 }
 
 log "starting SGLang on ${SGLANG_HOST}:${SGLANG_PORT} with ${MODEL_PATH}"
+# --weight-version 0: the producer numbers the base model's weights 0, and every SGLang answer carries the
+# version it was generated with (without the flag SGLang says "default", which the producer reads as 0 as
+# well). A restarted SGLang is back on the base weights and this version; the producer, which had loaded
+# checkpoint N, sees 0 < N in the next answer, reloads N and submits the call again, so no sample from the
+# base weights is labelled N.
 # shellcheck disable=SC2086  # SGLANG_EXTRA_ARGS is a list of flags
 "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$MODEL_PATH" --host "$SGLANG_HOST" \
-  --port "$SGLANG_PORT" --enable-metrics $SGLANG_EXTRA_ARGS &
+  --port "$SGLANG_PORT" --weight-version 0 --enable-metrics $SGLANG_EXTRA_ARGS &
 sglang_pid=$!
 wait_healthy
 log "SGLang healthy; starting producer $PRODUCER_ID for run $GSPO_RUN"
