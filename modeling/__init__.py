@@ -2,9 +2,11 @@
 
 The producer's in-process engine and the learner load the same directories the same way: safetensors only,
 sdpa attention, a left-padding tokenizer with a pad token. The tiny reference-task model lives here too,
-because tests, the demo and the benchmarks build it on both sides.
+because tests, the demo and the benchmarks build it on both sides; so do prompt rendering (``render_prompt``:
+strings and chat messages to token ids) and the offline SmolLM2-135M-Instruct conversion (``convert_smollm2``).
 """
 
+from modeling.chat import ChatTemplateError, has_chat_template, render_prompt
 from modeling.hf import (
     ModelLoadError,
     build_char_tokenizer,
@@ -12,5 +14,17 @@ from modeling.hf import (
     load_model,
     load_tokenizer,
 )
+from modeling.smollm2 import convert_smollm2, find_smollm2_gguf
 
-__all__ = ["ModelLoadError", "build_char_tokenizer", "build_tiny_model", "load_model", "load_tokenizer"]
+__all__ = [
+    "ChatTemplateError",
+    "ModelLoadError",
+    "build_char_tokenizer",
+    "build_tiny_model",
+    "convert_smollm2",
+    "find_smollm2_gguf",
+    "has_chat_template",
+    "load_model",
+    "load_tokenizer",
+    "render_prompt",
+]
