@@ -417,6 +417,10 @@ class RowTable:
 def _jsonl_table(path: Path, default_task: str, columns: Mapping[str, str]) -> RowTable:
     if not path.exists():
         raise TaskError(f"dataset {path} does not exist")
+    if path.is_dir():
+        raise TaskError(
+            f"dataset {path} is a directory without *.parquet files (a JSONL dataset is one file)"
+        )
     rows: list[PromptRow] = []
     prompt_col = columns.get("prompt", "prompt")
     with path.open() as f:

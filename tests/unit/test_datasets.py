@@ -130,6 +130,9 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         list(jsonl_rows(bad))
     with pytest.raises(TaskError, match="does not exist"):
         list(dataset_rows(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(TaskError, match="is a directory without"):
+        list(dataset_rows(str(tmp_path / "emptydir")))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(TaskError, match="has no rows"):
