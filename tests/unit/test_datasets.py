@@ -32,8 +32,19 @@ from common.tasks import (
 )
 from common.wire import PromptTask, decode, encode
 
-pa = pytest.importorskip("pyarrow", reason="pyarrow (extra 'data') is not installed")
-pq = pytest.importorskip("pyarrow.parquet")
+try:  # optional (extra "data"); the tests that need them skip without them
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:
+    pa = pq = None
+try:
+    import datasets
+except ImportError:
+    datasets = None
+needs_pyarrow = pytest.mark.skipif(pa is None, reason="pyarrow (extra 'data') is not installed")
+needs_datasets = pytest.mark.skipif(
+    datasets is None or pa is None, reason="datasets (extra 'data') is not installed"
+)
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
 
@@ -160,6 +171,7 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@needs_pyarrow
 def test_parquet_file_and_directory_with_column_mapping(tmp_path):
     f = write_parquet(tmp_path / "train.parquet", qa_rows(4))
     rows = list(parquet_rows(f, columns={"prompt": "question", "answer": "solution"}))
@@ -176,6 +188,7 @@ def test_parquet_file_and_directory_with_column_mapping(tmp_path):
     ]  # fmt: skip
 
 
+@needs_pyarrow
 def test_parquet_chat_prompts_round_trip(tmp_path):
     rows = [
         {"prompt": CHAT, "answer": "5", "id": "c0"},
@@ -188,6 +201,7 @@ def test_parquet_chat_prompts_round_trip(tmp_path):
     assert [r.prompt_id for r in got] == ["c0", "c1"]
 
 
+@needs_pyarrow
 def test_parquet_checks_columns_and_tasks_up_front(tmp_path):
     f = write_parquet(tmp_path / "t.parquet", qa_rows(3))
     with pytest.raises(TaskError, match=r"no column \['prompt'\].*map one with columns="):
@@ -206,6 +220,7 @@ def test_parquet_checks_columns_and_tasks_up_front(tmp_path):
         open_dataset(str(tmp_path / "none.parquet"))
 
 
+@needs_pyarrow
 def test_meta_values_are_made_wire_safe(tmp_path):
     rows = [{"prompt": "p", "answer": Decimal("1.50"), "day": date(2024, 1, 2), "info": {"b": 1, "a": [1, 2]},
              "score": float("nan"), "tags": ["x", "y"]}]  # fmt: skip
@@ -241,9 +256,6 @@ def test_shuffle_is_a_seeded_permutation_per_epoch_and_resumes_by_position(tmp_p
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
-datasets = pytest.importorskip("datasets", reason="datasets (extra 'data') is not installed")
-
-
 def save_dict(path: Path) -> Path:
     dd = datasets.DatasetDict(
         {
@@ -255,6 +267,7 @@ def save_dict(path: Path) -> Path:
     return path
 
 
+@needs_datasets
 def test_hf_save_to_disk_splits_mapping_and_eval(tmp_path):
     d = save_dict(tmp_path / "qa")
     cols = "columns=prompt:question,answer:solution"
@@ -271,6 +284,7 @@ def test_hf_save_to_disk_splits_mapping_and_eval(tmp_path):
         open_dataset(f"hf:{d}?{cols}&split=validation")
 
 
+@needs_datasets
 def test_hf_single_dataset_directory(tmp_path):
     path = tmp_path / "single"
     datasets.Dataset.from_list([{"prompt": CHAT, "answer": "5"}]).save_to_disk(str(path))
@@ -297,6 +311,7 @@ def build_hub_cache(tmp_path: Path, repo_id: str, splits: dict[str, list[dict]])
     return cache
 
 
+@needs_datasets
 def test_hf_hub_name_is_read_offline_from_the_cache(tmp_path, monkeypatch):
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # restored after the test, whatever the reader sets
         monkeypatch.setenv(var, "")
@@ -322,6 +337,7 @@ def test_hf_hub_name_is_read_offline_from_the_cache(tmp_path, monkeypatch):
         open_dataset(f"hf:tester/tiny_gsm?config=main&split=dev&cache_dir={cache}")
 
 
+@needs_pyarrow
 def test_missing_packages_name_the_extra(tmp_path, monkeypatch):
     f = write_parquet(tmp_path / "x.parquet", [{"prompt": "a"}])
     monkeypatch.setitem(sys.modules, "pyarrow", None)
