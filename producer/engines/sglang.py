@@ -82,8 +82,13 @@ PROBE_TEMPERATURES = (1.0, 0.25)
 MAX_RECOVERIES = 2  # server restarts survived within one generate call
 # --preferred-sampling-params fields that change what is sampled but not the reported log-probs: their
 # neutral values (temperature/top_p/top_k/max_new_tokens/n/stop_token_ids are sent with every request)
-NEUTRAL_SAMPLING = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-                    "min_new_tokens": 0, "min_p": 0.0}  # fmt: skip
+NEUTRAL_SAMPLING = {
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "min_p": 0.0,
+}
 EMPTY_SAMPLING = (
     "logit_bias",
     "json_schema",
@@ -263,8 +268,11 @@ def context_limit_from(info: dict) -> int | None:
     mril = info.get("max_req_input_len")
     if isinstance(mril, int) and not isinstance(mril, bool) and mril > 0:
         return mril + 4
-    known = [x for x in (info.get("context_length"), info.get("max_total_num_tokens"))
-             if isinstance(x, int) and not isinstance(x, bool) and x > 2]  # fmt: skip
+    known = [
+        x
+        for x in (info.get("context_length"), info.get("max_total_num_tokens"))
+        if isinstance(x, int) and not isinstance(x, bool) and x > 2
+    ]
     return min(known) - 2 if known else None
 
 
@@ -406,11 +414,16 @@ class SGLangEngine(Engine):
             raise SGLangError(f"GET {self.base_url}{where} names no model_path: {str(info)[:120]}")
         problem = sampling_defaults_problem(info.get("preferred_sampling_params"))
         if problem:
-            raise SGLangError(f"SGLang at {self.base_url}: {problem}: its log-probs are not those of the "
-                              "distribution it samples from; relaunch it without that setting")  # fmt: skip
+            raise SGLangError(
+                f"SGLang at {self.base_url}: {problem}: its log-probs are not those of the "
+                "distribution it samples from; relaunch it without that setting"
+            )
         if _version(info.get("weight_version"), LAUNCH_VERSION) != LAUNCH_VERSION:
-            log.warning("SGLang at %s already serves weight version %s (loaded before this producer started)",
-                        self.base_url, info.get("weight_version"))  # fmt: skip
+            log.warning(
+                "SGLang at %s already serves weight version %s (loaded before this producer started)",
+                self.base_url,
+                info.get("weight_version"),
+            )
         if not (Path(path) / "config.json").exists():
             log.warning("SGLang serves %s, not a local directory: cannot compare its fingerprint", path)
             return
@@ -432,16 +445,26 @@ class SGLangEngine(Engine):
         except SGLangError as e:
             info, where = None, str(e)
         if not isinstance(info, dict):
-            log.warning("SGLang at %s reports no server info (%s): no context limit is known, so a batch "
-                        "it refuses is split to find the prompt at fault", self.base_url, where)  # fmt: skip
+            log.warning(
+                "SGLang at %s reports no server info (%s): no context limit is known, so a batch "
+                "it refuses is split to find the prompt at fault",
+                self.base_url,
+                where,
+            )
             return
         problem = server_info_problem(info)
         if problem:
-            raise SGLangError(f"SGLang at {self.base_url}: {problem}: its log-probs are not those of the "
-                              "distribution it samples from; relaunch it without that setting")  # fmt: skip
+            raise SGLangError(
+                f"SGLang at {self.base_url}: {problem}: its log-probs are not those of the "
+                "distribution it samples from; relaunch it without that setting"
+            )
         self.context_limit = context_limit_from(info)
-        log.info("SGLang at %s: version %s, prompt + max_new_tokens <= %s tokens", self.base_url,
-                 info.get("version", "?"), self.context_limit)  # fmt: skip
+        log.info(
+            "SGLang at %s: version %s, prompt + max_new_tokens <= %s tokens",
+            self.base_url,
+            info.get("version", "?"),
+            self.context_limit,
+        )
 
     async def check_logprob_convention(self) -> None:
         """Refuse a server that reports raw log-probs (``RETURN_ORIGINAL_LOGPROB``), which no endpoint shows:
@@ -450,15 +473,21 @@ class SGLangEngine(Engine):
         gaps = []
         for t in PROBE_TEMPERATURES:
             body = self._payload([PROBE_PROMPT], 1, SamplingParams(temperature=t, max_new_tokens=1))
-            answer = await self._request("POST", f"{self.base_url}/generate", json={**body, "top_logprobs_num": 2},
-                                         timeout_s=min(60.0, self.timeout_s))  # fmt: skip
+            answer = await self._request(
+                "POST",
+                f"{self.base_url}/generate",
+                json={**body, "top_logprobs_num": 2},
+                timeout_s=min(60.0, self.timeout_s),
+            )
             item = answer[0] if isinstance(answer, list) and answer else answer
             try:
                 top = item["meta_info"]["output_top_logprobs"][0]
                 gaps.append(float(top[0][0]) - float(top[1][0]))
             except (KeyError, IndexError, TypeError, ValueError):
-                log.warning("SGLang at %s returned no top log-probs: cannot check its log-prob convention",
-                            self.base_url)  # fmt: skip
+                log.warning(
+                    "SGLang at %s returned no top log-probs: cannot check its log-prob convention",
+                    self.base_url,
+                )
                 return
         want = PROBE_TEMPERATURES[0] / PROBE_TEMPERATURES[1]
         if not (math.isfinite(gaps[0]) and math.isfinite(gaps[1])) or gaps[0] < 1e-3:
@@ -510,8 +539,12 @@ class SGLangEngine(Engine):
         self, prompts: list[list[int]], n: int, s: SamplingParams
     ) -> list[list[Completion]]:
         believed = self.version
-        body = await self._request("POST", f"{self.base_url}/generate", json=self._payload(prompts, n, s),
-                                   split_on_timeout=len(prompts) > 1)  # fmt: skip
+        body = await self._request(
+            "POST",
+            f"{self.base_url}/generate",
+            json=self._payload(prompts, n, s),
+            split_on_timeout=len(prompts) > 1,
+        )
         groups = parse_generate(body, len(prompts), n, believed)
         oldest = min(c.version_start for g in groups for c in g)
         if oldest < believed:
@@ -559,12 +592,19 @@ class SGLangEngine(Engine):
             if attempt < self.max_resubmits:
                 self.resubmitted += sum(missing.values())
                 log.info("resubmitting %d aborted samples (attempt %d)", sum(missing.values()), attempt + 1)
-        log.warning("%d prompts still have aborted samples after %d resubmissions (last abort: %s)",
-                    len(missing), self.max_resubmits, self.last_abort or "no message")  # fmt: skip
+        log.warning(
+            "%d prompts still have aborted samples after %d resubmissions (last abort: %s)",
+            len(missing),
+            self.max_resubmits,
+            self.last_abort or "no message",
+        )
         out: list[GroupResult] = list(done)
         for i, k in missing.items():
-            out[i] = PromptFailure("engine_aborted", f"{k} of {n} samples still aborted after {self.max_resubmits} "
-                                   f"resubmissions (last abort: {self.last_abort or 'no message'})"[:300])  # fmt: skip
+            out[i] = PromptFailure(
+                "engine_aborted",
+                f"{k} of {n} samples still aborted after {self.max_resubmits} "
+                f"resubmissions (last abort: {self.last_abort or 'no message'})"[:300],
+            )
         return out
 
     async def _recover(self, e: _Restarted) -> None:
@@ -579,12 +619,23 @@ class SGLangEngine(Engine):
                 try:
                     await self._update_weights(path, e.believed)
                 except SGLangError as err:
-                    log.error("SGLang at %s lost weight version %d (restarted?) and cannot reload %s: %s; "
-                              "labelling samples with its weights, version %d", self.base_url, e.believed, path,
-                              err, e.reported)  # fmt: skip
+                    log.error(
+                        "SGLang at %s lost weight version %d (restarted?) and cannot reload %s: %s; "
+                        "labelling samples with its weights, version %d",
+                        self.base_url,
+                        e.believed,
+                        path,
+                        err,
+                        e.reported,
+                    )
                 else:
-                    log.warning("SGLang at %s reported weight version %d while serving %d (restarted?): "
-                                "reloaded %s", self.base_url, e.reported, e.believed, path)  # fmt: skip
+                    log.warning(
+                        "SGLang at %s reported weight version %d while serving %d (restarted?): reloaded %s",
+                        self.base_url,
+                        e.reported,
+                        e.believed,
+                        path,
+                    )
                     return
             self.version = e.reported
             self._loaded = None

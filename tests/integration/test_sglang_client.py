@@ -35,8 +35,14 @@ def fake(tiny_model_dir):
 
 @pytest.fixture
 async def engine(fake, tiny_model_dir):
-    eng = SGLangEngine(fake.url, fingerprint=model_fingerprint(tiny_model_dir), timeout_s=5.0, retries=3,
-                       backoff_s=0.05, startup_timeout_s=5.0)  # fmt: skip
+    eng = SGLangEngine(
+        fake.url,
+        fingerprint=model_fingerprint(tiny_model_dir),
+        timeout_s=5.0,
+        retries=3,
+        backoff_s=0.05,
+        startup_timeout_s=5.0,
+    )
     yield eng
     await eng.close()
 
@@ -204,8 +210,14 @@ def test_wrong_item_count_is_an_error():
 
 
 def test_parse_item_accepts_sglang_shape_and_rejects_bad_finish_reason():
-    item = {"output_ids": [7, 2], "meta_info": {"output_token_logprobs": [[-0.5, 7, None], [-1.25, 2, None]],
-                                               "finish_reason": {"type": "stop", "matched": 2}, "weight_version": "9"}}  # fmt: skip
+    item = {
+        "output_ids": [7, 2],
+        "meta_info": {
+            "output_token_logprobs": [[-0.5, 7, None], [-1.25, 2, None]],
+            "finish_reason": {"type": "stop", "matched": 2},
+            "weight_version": "9",
+        },
+    }
     c = parse_item(item, "item 0", 0)
     assert c.token_ids.tolist() == [7, 2] and c.logprobs.tolist() == [-0.5, -1.25] and c.version_start == 9
     item["meta_info"]["finish_reason"] = None
@@ -251,8 +263,11 @@ async def test_start_reads_the_context_limit_from_new_and_old_apis(make_fake, ti
         # max_req_input_len = min(64 - 1, pool - 1) - 5 = 58; prompt + max_new_tokens <= 58 + 4 = 62
         assert eng.context_limit == 62
         infos = [p for p in server.paths() if "info" in p]
-        assert infos == (["/model_info", "/server_info"] if not old_api else
-                         ["/model_info", "/get_model_info", "/server_info", "/get_server_info"])  # fmt: skip
+        assert infos == (
+            ["/model_info", "/server_info"]
+            if not old_api
+            else ["/model_info", "/get_model_info", "/server_info", "/get_server_info"]
+        )
         # at the limit: neither refused nor clipped (SGLang clips max_new_tokens to max_req_len - prompt - 1)
         out = await eng.generate([[5] * 54], 2, SamplingParams(max_new_tokens=8, stop_token_ids=()))
         assert len(out[0]) == 2
@@ -284,8 +299,9 @@ async def test_a_smaller_kv_pool_lowers_the_context_limit(make_fake, tiny_model_
         ({"logit_bias": {"5": -100}}, "logit_bias"),
     ],
 )
-async def test_penalised_preferred_sampling_params_are_refused_at_start(make_fake, tiny_model_dir, old_api, preferred,
-                                                                       setting):  # fmt: skip
+async def test_penalised_preferred_sampling_params_are_refused_at_start(
+    make_fake, tiny_model_dir, old_api, preferred, setting
+):
     server = make_fake(preferred_sampling_params=preferred, old_api=old_api)
     eng = engine_for(server, tiny_model_dir)
     try:
@@ -358,8 +374,9 @@ async def test_a_restarted_server_gets_the_loaded_checkpoint_back(
         await eng.close()
 
 
-async def test_a_restarted_server_whose_checkpoint_is_gone_labels_its_launch_weights(make_fake, tiny_model_dir,
-                                                                                    tmp_path):  # fmt: skip
+async def test_a_restarted_server_whose_checkpoint_is_gone_labels_its_launch_weights(
+    make_fake, tiny_model_dir, tmp_path
+):
     server = make_fake(launch_weight_version="0")
     eng = engine_for(server, tiny_model_dir)
     step = write_step_dir(tmp_path, 5, tiny_model_dir, perturb=0.05)
