@@ -14,15 +14,28 @@ def learner(
     run: str = RunOpt,
     model: str = typer.Option(None, "--model", help="HF model dir to start from (ignored when resuming)"),
     run_dir: Path = RunDirOpt,
-    resume: bool = typer.Option(None, "--resume/--no-resume", help="resume from the newest STABLE checkpoint [default: auto]"),
+    resume: bool = typer.Option(
+        None,
+        "--resume/--no-resume",
+        help="resume from the newest STABLE checkpoint [default: auto]; --no-resume refuses a run a learner has used (see --fresh)",
+    ),
+    fresh: bool = typer.Option(
+        False,
+        "--fresh",
+        help="start the run over: first delete its Redis keys (gspo:RUN:*), checkpoints and metrics files (stop its producers first)",
+    ),
     max_steps: int = typer.Option(None, "--max-steps", help="stop after this many steps"),
     lr: float = typer.Option(None, "--lr"),
     batch_groups: int = typer.Option(None, "--batch-groups", "-B", help="groups per step"),
     max_staleness: int = typer.Option(None, "--max-staleness", "-K", help="drop groups staler than this"),
     publish_every: int = typer.Option(None, "--publish-every", help="publish a checkpoint every N steps"),
     variant: str = typer.Option(None, "--variant", help="gspo | gspo_token | grpo"),
-    proximal: str = typer.Option(None, "--proximal", help="recompute | behaviour (ablation: ratio on engine log-probs)"),
-    dataset: str = typer.Option(None, "--dataset", help="prompts to keep queued: 'addition', a JSONL path, or '' (none)"),
+    proximal: str = typer.Option(
+        None, "--proximal", help="recompute | behaviour (ablation: ratio on engine log-probs)"
+    ),
+    dataset: str = typer.Option(
+        None, "--dataset", help="prompts to keep queued: 'addition', a JSONL path, or '' (none)"
+    ),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus port (0 = off)"),
     config: Path = ConfigOpt,
@@ -39,4 +52,4 @@ def learner(
     settings = prepare(config, overrides, service="learner")
     from learner.service import main  # heavy: torch / transformers
 
-    raise typer.Exit(main(settings, resume=resume))
+    raise typer.Exit(main(settings, resume=resume, fresh=fresh))

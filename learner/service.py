@@ -34,6 +34,7 @@ from common.redis_conn import RedisUnavailable, connect_async
 from common.streams import RETRYABLE, StreamClient, describe_failure
 from common.tasks import TaskError
 from learner import checkpoint as ckpt
+from learner import reuse
 from learner.batching import TrainBatch, build_batch
 from learner.distributed import (
     CMD_STOP,
@@ -68,13 +69,43 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _resume_dir(settings: Settings, resume: bool | None) -> Path | None:
-    """Newest verified STABLE checkpoint unless resume is False; resume=True without one is an error."""
-    if resume is False:
+def _resume_dir(settings: Settings, resume: bool | None, fresh: bool = False) -> Path | None:
+    """The checkpoint to start from: None to start at step 0 from ``learner.model``.
+
+    - ``fresh``: the run's keys, checkpoints and metrics are deleted first (learner/reuse.py), then step 0;
+    - ``resume`` False (``--no-resume``): step 0, refused in one line if a learner has used the run before
+      (its state would mix with the new run's: learner/reuse.py);
+    - ``resume`` True: the newest verified STABLE checkpoint, an error without one;
+    - ``resume`` None (auto): the newest verified STABLE checkpoint, else step 0, refused if Redis announces a
+      checkpoint of the run (the producers would keep those weights and the new steps would never reach them).
+    """
+    if fresh:
+        if resume is True:
+            raise LearnerError("--fresh deletes the checkpoints --resume would start from: pass one of them")
+        log.warning("--fresh: %s", reuse.wipe(settings))
         return None
-    found = ckpt.newest_verified(ckpt_root(settings))
+    root = ckpt_root(settings)
+    if resume is False:
+        state = reuse.find_used(settings)
+        if state.used:
+            raise LearnerError(
+                f"--no-resume, but run {settings.run!r} was used before: {state.describe()}; starting at step 0 "
+                f"on top of that would mix two runs: pass --resume to continue it, or --fresh to delete all of "
+                f"it and start over"
+            )
+        return None
+    found = ckpt.newest_verified(root)
     if found is None and resume is True:
-        raise LearnerError(f"--resume: no verified STABLE checkpoint under {ckpt_root(settings)}")
+        raise LearnerError(f"--resume: no verified STABLE checkpoint under {root}")
+    if found is None:
+        state = reuse.find_used(settings)
+        if state.announced_step is not None:
+            raise LearnerError(
+                f"no verified checkpoint under {root} to resume from, but Redis announces step "
+                f"{state.announced_step} of run {settings.run!r} ({RunKeys(settings.run).latest}): starting at "
+                f"step 0 would mix two runs: restore the checkpoints (or point learner.checkpoint_dir at them), "
+                f"or pass --fresh to delete the run's state and start over"
+            )
     return found
 
 
@@ -99,22 +130,23 @@ STATED_FAILURES = (
 )
 
 
-def main(settings: Settings, resume: bool | None = None) -> int:
-    """Entry point of ``gspo learner``: 0 after max_steps or SIGTERM; 2 with one error line on a stated failure."""
+def main(settings: Settings, resume: bool | None = None, fresh: bool = False) -> int:
+    """Entry point of ``gspo learner``: 0 after max_steps or SIGTERM; 2 with one error line on a stated failure.
+    ``resume`` and ``fresh``: see :func:`_resume_dir`."""
     try:
-        return _main(settings, resume)
+        return _main(settings, resume, fresh)
     except STATED_FAILURES as e:
         log.error("learner failed: %s", describe_failure(e))
         return 2
 
 
-def _main(settings: Settings, resume: bool | None) -> int:
+def _main(settings: Settings, resume: bool | None, fresh: bool = False) -> int:
     if settings.learner.threads:
         torch.set_num_threads(settings.learner.threads)
     torch.manual_seed(settings.learner.seed)
     world = init_from_env(_device())
     try:
-        start = _resume_dir(settings, resume) if world.is_main else None
+        start = _resume_dir(settings, resume, fresh) if world.is_main else None
         step = broadcast_int(world, int(start.name.split("_")[1]) if start else -1)
         model_dir = ckpt_root(settings) / step_dir_name(step) if step >= 0 else Path(settings.learner.model)
         if step < 0 and not settings.learner.model:
@@ -150,6 +182,7 @@ class Learner:
     ):
         self.s, self.trainer, self.world = settings, trainer, world
         self.restored = state
+        self.model_dir = model_dir
         self.keys = RunKeys(settings.run)
         self.redis = connect_async(settings.redis)
         self.streams = StreamClient(self.redis, settings.redis.retry_for_s, what="learner")
@@ -214,9 +247,16 @@ class Learner:
             log.info("removed %d unfinished checkpoint dirs", removed)
         if self.restored is not None:
             log.info(
-                "resumed from step %d (%d groups trained)", self.state.step, len(self.intake.trained_ids)
+                "resumed from step %d (checkpoint %s, %d groups trained)",
+                self.state.step,
+                self.model_dir,
+                len(self.intake.trained_ids),
             )
             await self.publisher.resume(self.state.step, self.restored.entry_ids)
+        else:
+            log.info("starting at step 0 from %s", self.model_dir)
+        checkpoint_cursor = int(self.restored.counters.get("prompt_cursor", 0)) if self.restored else 0
+        log.info("prompt feeder: %s", await self.feeder.restore(checkpoint_cursor))
         await self.state.write()
 
     def _done(self) -> bool:
@@ -225,6 +265,7 @@ class Learner:
 
     async def _loop(self) -> None:
         while not self._done():
+            t_iter = time.perf_counter()
             await self.feeder.feed()
             t_wait = time.perf_counter()
             taken = await self.intake.take(self.stop, self._idle)
@@ -234,8 +275,13 @@ class Learner:
             metrics = await self._train(taken)
             metrics["time/wait_s"] = wait_s
             step = self.state.step
+            t_publish = time.perf_counter()
             if step % self.s.learner.publish_every == 0 or self.publisher.retry_due(step):
                 await self._publish()
+            # where the loop's time went (gspo up's summary): waiting for rollouts (time/wait_s), training
+            # (time/step_s), publishing in the loop (snapshot, and waiting for the previous background write)
+            metrics["time/publish_s"] = time.perf_counter() - t_publish
+            metrics["time/iter_s"] = time.perf_counter() - t_iter
             await self._write_metrics(metrics)
 
     async def _idle(self) -> None:
