@@ -507,15 +507,18 @@ class SGLangEngine(Engine):
         """A one-token request of :data:`PROBE_PROMPT` must succeed (else the server, not a prompt, is at fault)."""
         body = self._payload([PROBE_PROMPT], 1, SamplingParams(max_new_tokens=1))
         try:
-            parse_generate(
-                await self._request("POST", f"{self.base_url}/generate", json=body), 1, 1, self.version
-            )
+            answer = await self._request("POST", f"{self.base_url}/generate", json=body)
+            (probe,) = parse_generate(answer, 1, 1, self.version)[0]
         except EngineRefused as e:
             raise SGLangError(
                 f"SGLang refuses even a one-token probe request, so not one prompt is at fault: {e}"
             ) from None
         except EngineTimeout as e:
             raise SGLangError(f"SGLang does not even answer a one-token probe request: {e}") from None
+        if probe.finish_reason == "abort":
+            raise SGLangError(
+                f"SGLang aborts even a one-token probe request ({abort_message(answer[0] if isinstance(answer, list) else answer) or 'no message'})"
+            )
 
     # ------------------------------------------------------------------ generation
     def _payload(self, prompts: list[list[int]], n: int, s: SamplingParams) -> dict:

@@ -130,6 +130,16 @@ async def test_a_server_refusing_everything_stops_the_producer_instead_of_failin
         await Generator(engine, G, SAMPLING, ProducerMetrics()).generate(held(batch_of(4, {})))
 
 
+async def test_a_server_aborting_everything_stops_the_producer_instead_of_failing_every_prompt(
+    make_fake, make_engine
+):
+    server = make_fake()
+    server.faults.abort_bare = 1000  # e.g. a server shutting down
+    engine = make_engine(server)
+    with pytest.raises(SGLangError, match="aborts even a one-token probe request .Abort before prefill."):
+        await Generator(engine, G, SAMPLING, ProducerMetrics()).generate(held(batch_of(2, {})))
+
+
 def test_transformers_engine_fails_prompts_beyond_the_model_positions_or_max_prompt_tokens(tiny_model_dir):
     import asyncio
 
