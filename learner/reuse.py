@@ -69,9 +69,7 @@ class RunState:
         if self.key_count:
             named = ", ".join(f"{k} ({v})" if v else k for k, v in self.keys.items())
             others = self.key_count - len(self.keys)
-            more = (
-                f" and {others} other key(s) (admission markers, producer heartbeats)" if others > 0 else ""
-            )
+            more = f" and {others} other key(s)" if others > 0 else ""
             parts.append(f"{self.key_count} Redis key(s) gspo:{self.run}:*: {named}{more}")
         return "; ".join(parts) or "nothing"
 
