@@ -16,7 +16,7 @@ SMALL = {
     "GSPO_PRODUCER__SAMPLING__MAX_NEW_TOKENS": "4", "GSPO_PRODUCER__PROMPTS_PER_CALL": "2",
     "GSPO_PRODUCER__CLAIM_IDLE_MS": "1500", "GSPO_PRODUCER__HEARTBEAT_TTL_S": "3", "GSPO_LEARNER__PUBLISH_EVERY": "2",
 }  # fmt: skip
-MAX_STEPS = 36
+MAX_STEPS = 60  # well past the scale-down at step >= 16, so training after it is observed
 
 
 def _step(run_dir) -> int:
