@@ -575,9 +575,14 @@ def parquet_rows(
 
 
 def hf_rows(
-    name_or_dir: str, split: str = "train", default_task: str = DEFAULT_TASK, *, config: str | None = None,
-    columns: Mapping[str, str] | None = None, cache_dir: str | None = None,
-) -> Iterator[PromptRow]:  # fmt: skip
+    name_or_dir: str,
+    split: str = "train",
+    default_task: str = DEFAULT_TASK,
+    *,
+    config: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    cache_dir: str | None = None,
+) -> Iterator[PromptRow]:
     """Rows of a Hugging Face dataset split: a ``save_to_disk`` directory, or a hub name from the cache
     (offline), as ``jsonl_rows``."""
     spec = DatasetSpec(

@@ -41,11 +41,16 @@ def _common(run, run_dir, redis_url, log_level) -> dict:
 
 @prompts_app.command("load")
 def prompts_load(
-    file: Path = typer.Argument(..., help="JSONL: one object per line with 'prompt' and the reward's fields (e.g. 'answer')"),
+    file: Path = typer.Argument(
+        ..., help="JSONL: one object per line with 'prompt' and the reward's fields (e.g. 'answer')"
+    ),
     repeat: int = typer.Option(1, "--repeat", min=1, help="enqueue the file this many times (epochs)"),
-    redis_url: str = RedisUrlOpt, run: str = RunOpt, run_dir: Path = RunDirOpt, config: Path = ConfigOpt,
+    redis_url: str = RedisUrlOpt,
+    run: str = RunOpt,
+    run_dir: Path = RunDirOpt,
+    config: Path = ConfigOpt,
     log_level: str = LogLevelOpt,
-) -> None:  # fmt: skip
+) -> None:
     """Enqueue prompts for the producers (ids derive from the file content: loading twice trains once)."""
     from common.feeder import PromptsFull
     from common.tasks import TaskError
@@ -64,9 +69,13 @@ def prompts_load(
 
 @app.command()
 def status(
-    redis_url: str = RedisUrlOpt, run: str = RunOpt, run_dir: Path = RunDirOpt, config: Path = ConfigOpt,
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"), log_level: str = LogLevelOpt,
-) -> None:  # fmt: skip
+    redis_url: str = RedisUrlOpt,
+    run: str = RunOpt,
+    run_dir: Path = RunDirOpt,
+    config: Path = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    log_level: str = LogLevelOpt,
+) -> None:
     """Live producers, learner version, stream backlogs, newest checkpoint."""
     from gspo.admin import collect_status
 
@@ -90,12 +99,22 @@ def _print_status(info: dict) -> None:
 
     console = Console()
     ln = info["learner"]
-    console.print(f"[bold]run[/] {info['run']}  learner step {ln.get('step', '-')} version {ln.get('version', '-')}"
-                  f"  admitted groups {info['admitted_groups']}")  # fmt: skip
+    console.print(
+        f"[bold]run[/] {info['run']}  learner step {ln.get('step', '-')} version {ln.get('version', '-')}"
+        f"  admitted groups {info['admitted_groups']}"
+    )
     t = Table("producer", "engine", "version", "state", "groups", "tok/s", "inflight", "age s")
     for p in info["producers"]:
-        t.add_row(p["producer_id"], p["engine"], str(p["version"]), p["state"], str(p["groups_done"]),
-                  f"{p['tokens_per_s']:.0f}", str(p["inflight"]), str(p["age_s"]))  # fmt: skip
+        t.add_row(
+            p["producer_id"],
+            p["engine"],
+            str(p["version"]),
+            p["state"],
+            str(p["groups_done"]),
+            f"{p['tokens_per_s']:.0f}",
+            str(p["inflight"]),
+            str(p["age_s"]),
+        )
     console.print(t if info["producers"] else "no live producers")
     s = Table("stream", "length", "backlog", "pending")
     for name, v in info["streams"].items():

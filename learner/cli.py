@@ -43,12 +43,22 @@ def learner(
 ) -> None:
     """Run the learner: pull rollout groups, take GSPO steps, publish checkpoints."""
     overrides = {
-        "redis.url": redis_url, "run": run, "run_dir": str(run_dir) if run_dir else None, "log_level": log_level,
-        "metrics_port": metrics_port, "learner.model": model, "learner.max_steps": max_steps, "learner.lr": lr,
-        "pipeline.batch_groups": batch_groups, "pipeline.max_staleness": max_staleness,
-        "learner.publish_every": publish_every, "loss.variant": variant, "loss.proximal": proximal,
-        "learner.dataset": dataset, "learner.threads": threads,
-    }  # fmt: skip
+        "redis.url": redis_url,
+        "run": run,
+        "run_dir": str(run_dir) if run_dir else None,
+        "log_level": log_level,
+        "metrics_port": metrics_port,
+        "learner.model": model,
+        "learner.max_steps": max_steps,
+        "learner.lr": lr,
+        "pipeline.batch_groups": batch_groups,
+        "pipeline.max_staleness": max_staleness,
+        "learner.publish_every": publish_every,
+        "loss.variant": variant,
+        "loss.proximal": proximal,
+        "learner.dataset": dataset,
+        "learner.threads": threads,
+    }
     settings = prepare(config, overrides, service="learner")
     from learner.service import main  # heavy: torch / transformers
 

@@ -97,8 +97,16 @@ def find_used(settings: Settings) -> RunState:
     state = RunState(settings.run, root)
     state.checkpoints = [p.name for p in stable_steps(root)]
     state.other_dirs = len(_step_dirs(root)) - len(state.checkpoints)
-    named = [keys.learner_state, keys.latest, keys.checkpoints, keys.prompt_cursor, keys.admitted_count,
-             keys.prompts, keys.rollouts, keys.dead]  # fmt: skip
+    named = [
+        keys.learner_state,
+        keys.latest,
+        keys.checkpoints,
+        keys.prompt_cursor,
+        keys.admitted_count,
+        keys.prompts,
+        keys.rollouts,
+        keys.dead,
+    ]
     learner_written = {keys.learner_state, keys.latest, keys.checkpoints, keys.prompt_cursor}
     client = connect_sync(settings.redis)
     try:

@@ -24,7 +24,9 @@ class ModelLoadError(RuntimeError):
     """A model directory that cannot be used (missing, incomplete, wrong format)."""
 
 
-def build_char_tokenizer(chars: str = ADDITION_CHARS + " abcdefghijklmnopqrstuvwxyz") -> PreTrainedTokenizerFast:
+def build_char_tokenizer(
+    chars: str = ADDITION_CHARS + " abcdefghijklmnopqrstuvwxyz",
+) -> PreTrainedTokenizerFast:
     """One token per character, plus pad/bos/eos (ids 0, 1, 2)."""
     from tokenizers import Regex, Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
@@ -37,25 +39,42 @@ def build_char_tokenizer(chars: str = ADDITION_CHARS + " abcdefghijklmnopqrstuvw
     from tokenizers import decoders
 
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token="<unk>"
+    )
     fast.padding_side = "left"
     return fast
 
 
 def build_tiny_model(
-    out_dir: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 512,
-    seed: int = 0, max_positions: int = 256,
-) -> Path:  # fmt: skip
+    out_dir: str | Path,
+    *,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 512,
+    seed: int = 0,
+    max_positions: int = 256,
+) -> Path:
     """A ~0.5M-parameter Qwen3 with tied embeddings, saved (model + tokenizer) to ``out_dir``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_char_tokenizer()
     cfg = Qwen3Config(
-        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=intermediate,
-        max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="float32",
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg)
     out = Path(out_dir)

@@ -53,8 +53,15 @@ LOOP_MODEL_TYPES = frozenset({"qwen3", "qwen2", "llama"})
 # the loop drops stopped rows from its batch (and KV cache) once the running ones are at most this share of it
 COMPACT_AT = 0.75
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-_BOOKKEEPING_FIELDS = ("transformers_version", "use_cache", "output_attentions", "output_hidden_states",
-                       "output_scores", "output_logits", "return_dict_in_generate")  # fmt: skip
+_BOOKKEEPING_FIELDS = (
+    "transformers_version",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+)
 
 
 def _global_generation_defaults() -> dict:
@@ -114,8 +121,10 @@ def loop_support(model: torch.nn.Module) -> dict[str, bool | str]:
     cfg = model.config
     model_type = getattr(cfg, "model_type", None)
     if model_type not in LOOP_MODEL_TYPES:
-        raise UnsupportedModel(f"model type {model_type!r} is not one the decode loop was tested on "
-                               f"({', '.join(sorted(LOOP_MODEL_TYPES))})")  # fmt: skip
+        raise UnsupportedModel(
+            f"model type {model_type!r} is not one the decode loop was tested on "
+            f"({', '.join(sorted(LOOP_MODEL_TYPES))})"
+        )
     if getattr(cfg, "is_encoder_decoder", False):
         raise UnsupportedModel(f"{model_type} is configured as an encoder-decoder")
     attn = getattr(cfg, "_attn_implementation", None)
@@ -123,22 +132,36 @@ def loop_support(model: torch.nn.Module) -> dict[str, bool | str]:
         raise UnsupportedModel(f"attention implementation {attn!r} is not sdpa/eager")
     layer_types = getattr(cfg, "layer_types", None) or ["full_attention"]
     if set(layer_types) != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
-        raise UnsupportedModel(f"{model_type} uses sliding-window or non-full attention layers ({sorted(set(layer_types))})")  # fmt: skip
+        raise UnsupportedModel(
+            f"{model_type} uses sliding-window or non-full attention layers ({sorted(set(layer_types))})"
+        )
     params = inspect.signature(model.forward).parameters
     cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
     if cache_kw is None or "position_ids" not in params:
         raise UnsupportedModel(
             f"{type(model).__name__}.forward takes no cache/past_key_values or position_ids"
         )
-    return {"cache_kw": cache_kw, "cache_position": "cache_position" in params,
-            "logits_to_keep": "logits_to_keep" in params}  # fmt: skip
+    return {
+        "cache_kw": cache_kw,
+        "cache_position": "cache_position" in params,
+        "logits_to_keep": "logits_to_keep" in params,
+    }
 
 
 class HFEngine(Engine):
     name = "transformers"
 
-    def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                 threads: int = 0, version: int = 0, decode: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        seed: int = 0,
+        threads: int = 0,
+        version: int = 0,
+        decode: str = "auto",
+    ):
         """``decode``: "loop" (fast loop; EngineError if the model is unsupported), "generate"
         (model.generate), or "auto" (the loop where :func:`loop_support` and a cached-vs-full probe
         accept the model, else generate)."""
@@ -174,9 +197,15 @@ class HFEngine(Engine):
         loaded = self.model.generation_config
         clean = GenerationConfig(**{k: getattr(loaded, k, None) for k in _TOKEN_ID_FIELDS})
         neutral = {**GenerationConfig().to_dict(), **_global_generation_defaults()}
-        ignored = {k: v for k, v in loaded.to_dict().items()
-                   if k not in _TOKEN_ID_FIELDS and k not in _BOOKKEEPING_FIELDS and not k.startswith("_")
-                   and v is not None and v != neutral.get(k)}  # fmt: skip
+        ignored = {
+            k: v
+            for k, v in loaded.to_dict().items()
+            if k not in _TOKEN_ID_FIELDS
+            and k not in _BOOKKEEPING_FIELDS
+            and not k.startswith("_")
+            and v is not None
+            and v != neutral.get(k)
+        }
         if ignored:
             log.info("ignoring the model's generation config (only the sampling params act): %s", ignored)
         self.model.generation_config = clean
@@ -310,16 +339,34 @@ class HFEngine(Engine):
         """Every field that could shape sampling set explicitly (neutral unless it is ours)."""
         neutral = _global_generation_defaults()
         neutral.update(
-            min_length=0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-            no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0,
-            eta_cutoff=0.0, length_penalty=1.0, num_beams=1, num_return_sequences=1, renormalize_logits=False,
-            remove_invalid_values=False, output_scores=False, use_cache=True,
-        )  # fmt: skip
+            min_length=0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            encoder_no_repeat_ngram_size=0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            length_penalty=1.0,
+            num_beams=1,
+            num_return_sequences=1,
+            renormalize_logits=False,
+            remove_invalid_values=False,
+            output_scores=False,
+            use_cache=True,
+        )
         neutral.update(
-            do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0 if s.top_k < 0 else s.top_k,
-            max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=list(stop_ids),
-            bos_token_id=self.model.generation_config.bos_token_id, output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
+            do_sample=True,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=0 if s.top_k < 0 else s.top_k,
+            max_new_tokens=s.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=list(stop_ids),
+            bos_token_id=self.model.generation_config.bos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         neutral.pop("max_length", None)  # max_new_tokens decides
         return GenerationConfig(**neutral)
 
@@ -328,8 +375,11 @@ class HFEngine(Engine):
         self, rows: list[list[int]], s: SamplingParams, stop_ids: tuple[int, ...]
     ) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = left_pad(rows, self.pad_id)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  generation_config=self._generation_config(s, stop_ids))  # fmt: skip
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            generation_config=self._generation_config(s, stop_ids),
+        )
         new = out.sequences[:, ids.shape[1] :]  # (R, T)
         # one step at a time: a (R, T, V) float tensor would be large for real vocabularies
         steps = [
