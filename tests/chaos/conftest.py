@@ -67,8 +67,13 @@ class Services:
     def start(self, kind: str, args: list[str], name: str, env: dict[str, str] | None = None) -> Service:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GSPO_", "LEARNER_TEST_"))}
         full_env.update(
-            {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1",
-             "GSPO_PIPELINE__GROUP_SIZE": "4", **(env or {})}
+            {
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO),
+                "PYTHONFAULTHANDLER": "1",
+                "GSPO_PIPELINE__GROUP_SIZE": "4",
+                **(env or {}),
+            }
         )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = self.log_dir / f"{name}.out"

@@ -58,7 +58,9 @@ def test_three_producers_and_a_learner_hold_memory_and_streams_bounded(
     procs = [services.start("learner", learner_args(url, run_id, tiny_model_dir, run_dir, max_steps=0, batch_groups=B,
                                                     max_staleness=K, publish_every=PUBLISH_EVERY), "learner")]  # fmt: skip
     for i in range(PRODUCERS):
-        procs.append(services.start("producer", producer_args(url, run_id, tiny_model_dir, run_dir, f"p{i}"), f"p{i}"))
+        procs.append(
+            services.start("producer", producer_args(url, run_id, tiny_model_dir, run_dir, f"p{i}"), f"p{i}")
+        )
 
     def all_up() -> bool:
         beats = [r.get(keys.producer(f"p{i}")) for i in range(PRODUCERS)]
