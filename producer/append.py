@@ -9,7 +9,7 @@ from common.config import Settings
 from common.keys import PRODUCERS_GROUP, RunKeys
 from common.streams import Entry, StreamClient
 from common.wire import RolloutGroup, Sample, encode
-from producer.engines.base import Completion, Engine
+from producer.engines.base import Engine, GroupResult, PromptFailure
 from producer.generate import sampling_from
 from producer.intake import Held
 from producer.metrics import ProducerMetrics
@@ -33,9 +33,12 @@ class Appender:
         self.sampling = sampling_from(settings)  # recorded in each group
         self.maxlen = settings.pipeline.rollouts_maxlen
 
-    async def append(self, batch: list[Held], groups: list[list[Completion]], gen_s: float) -> None:
+    async def append(self, batch: list[Held], groups: list[GroupResult], gen_s: float) -> None:
         done: list[tuple[Held, RolloutGroup]] = []
         for h, comps in zip(batch, groups, strict=True):
+            if isinstance(comps, PromptFailure):  # the engine refused or kept failing on this prompt alone
+                await self.dead(h.entry, comps.reason, comps.detail)
+                continue
             group = await self._score(h, comps, gen_s)
             if group is not None:
                 done.append((h, group))
@@ -45,7 +48,7 @@ class Appender:
             await self.streams.ack(self.keys.prompts, PRODUCERS_GROUP, [h.entry.id for h, _ in done])
         self._count(done)
 
-    async def _score(self, h: Held, comps: list[Completion], gen_s: float) -> RolloutGroup | None:
+    async def _score(self, h: Held, comps: list, gen_s: float) -> RolloutGroup | None:
         samples = []
         for c in comps:
             text = self.tokenizer.decode([int(x) for x in c.token_ids], skip_special_tokens=True)
