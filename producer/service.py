@@ -67,7 +67,8 @@ class Producer:
         self.finished = asyncio.Event()  # the stages are done: background loops end after their current step
         self.metrics = m = ProducerMetrics(weight_version=engine.version)
         self.intake = Intake(settings, streams, producer_id, tokenizer, admitter, m)
-        self.generator = Generator(engine, settings.pipeline.group_size, sampling_from(settings), m)
+        limit = settings.producer.max_prompt_tokens  # 0: only the engine's context limit applies
+        self.generator = Generator(engine, settings.pipeline.group_size, sampling_from(settings), m, limit)
         self.appender = Appender(settings, streams, producer_id, tokenizer, engine, m, self.intake.dead)
         self.weights = WeightSync(follower, engine, m)
         self.heartbeat = Heartbeat(streams, keys, producer_id, engine, m, settings.producer.heartbeat_ttl_s)
