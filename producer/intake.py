@@ -5,14 +5,6 @@ own pending after a restart, prompts reclaimed from dead producers (XAUTOCLAIM),
 one engine call's worth. A poison message (undecodable, unknown reward, empty prompt) is dead-lettered
 with its reason and acked. A prompt the bound refuses stays held, never dropped or acked: pacing, not
 dropping.
-
-Every prompt this producer holds, admits, generates or appends is *owned* until its group is appended or
-it is dead-lettered: a reclaim never takes an owned prompt (even when its engine call outlasts
-``claim_idle_ms``), and :meth:`Intake.keep_alive` resets the idle time of owned pending entries more often
-than ``claim_idle_ms``, so that no other producer reclaims them either. An owned prompt found pending for
-another consumer (this producer was frozen for longer than ``claim_idle_ms``) is no longer ours: a held
-one is dropped, an admitted one is generated but not appended (``producer/append.py``). Each prompt is thus
-generated once when nothing dies.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.admission import Admitter, close_keys
+from common.admission import Admitter
 from common.config import Settings
 from common.keys import PRODUCERS_GROUP, RunKeys
 from common.streams import Entry, StreamClient
@@ -59,15 +51,8 @@ class Intake:
         self.tokenizer, self.admitter, self.metrics = tokenizer, admitter, metrics
         self.max_groups = settings.producer.max_groups  # 0: no cap
         self.held: list[Held] = []
-        # entry ids of every prompt held, admitted, generating or appending (pending for this producer)
-        self.owned: set[str] = set()
         self.admitted_total = 0
         self._claim_cursor, self._next_claim = "0-0", 0.0
-
-    @property
-    def keep_alive_every_s(self) -> float:
-        """How often owned entries are refreshed: well within ``claim_idle_ms``."""
-        return max(0.02, self.settings.producer.claim_idle_ms / 4000)
 
     @property
     def quota_reached(self) -> bool:
@@ -110,9 +95,8 @@ class Intake:
                 "%d pending prompts were trimmed before anyone generated them: %s", len(deleted), deleted[:5]
             )
             await self.streams.ack(self.keys.prompts, PRODUCERS_GROUP, deleted)
-        # what we hold, admit, generate or append is never ours to reclaim (it only went idle between two
-        # refreshes, e.g. while the loop was blocked): XAUTOCLAIM just handed it back to us
-        fresh = [e for e in entries if e.id not in self.owned]
+        mine = {h.entry.id for h in self.held}
+        fresh = [e for e in entries if e.id not in mine]  # our own held prompts go idle while we are paced
         if fresh:
             log.info("reclaimed %d prompts from dead producers", len(fresh))
             self.metrics.reclaimed += len(fresh)
@@ -121,38 +105,11 @@ class Intake:
     async def _hold(self, entries: list[Entry]) -> int:
         n = 0
         for e in entries:
-            if e.id in self.owned:
-                continue  # already ours (e.g. read again as our own pending entry)
             held = await self._prepare(e)
             if held is not None:
                 self.held.append(held)
-                self.owned.add(e.id)
                 n += 1
         return n
-
-    # ------------------------------------------------------------------ ownership
-    async def keep_alive(self) -> None:
-        """Reset the idle time of every owned pending entry (so no producer reclaims it) and drop held
-        prompts that are no longer pending for us: another producer reclaimed them while we were frozen for
-        longer than ``claim_idle_ms``, and generates them now."""
-        ids = list(self.owned)
-        if not ids:
-            return
-        mine = set(await self.streams.refresh_own(self.keys.prompts, PRODUCERS_GROUP, self.id, ids))
-        lost = {i for i in ids if i not in mine and i in self.owned}  # still owned: not acked by us meanwhile
-        held_lost = [h for h in self.held if h.entry.id in lost]
-        if held_lost:
-            self.held = [h for h in self.held if h.entry.id not in lost]
-            self.owned.difference_update(h.entry.id for h in held_lost)
-            self.metrics.lost_to_reclaim += len(held_lost)
-            log.warning(
-                "%d held prompts were reclaimed by another producer while this one was stalled; dropped here",
-                len(held_lost),
-            )
-
-    def done(self, entry_ids: list[str]) -> None:
-        """The prompts of ``entry_ids`` are finished here (appended, dead-lettered, or not ours any more)."""
-        self.owned.difference_update(entry_ids)
 
     async def _prepare(self, entry: Entry) -> Held | None:
         """Decode and tokenise one prompt; a poison message is dead-lettered (with the reason) and acked."""
@@ -177,30 +134,8 @@ class Intake:
         # plain text, no chat template and no special tokens: the reference task's prompts are raw strings
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
-    async def dead_admitted(self, h: Held, reason: str, detail: str) -> bool:
-        """Dead-letter an admitted prompt (its original bytes and the reason), ack it and release its admission
-        slot, in one step, if it is still ours. True if it was dead-lettered here."""
-        done, _ = await self.streams.dead_letter_owned(
-            self.keys.dead,
-            self.keys.prompts,
-            PRODUCERS_GROUP,
-            h.entry,
-            reason,
-            detail,
-            self.id,
-            self.settings.pipeline.dead_maxlen,
-            group_id=h.task.task_id,
-            close=close_keys(self.keys),
-        )
-        if done:
-            self.metrics.dead_lettered += 1
-        else:
-            self.metrics.lost_to_reclaim += 1
-        self.done([h.entry.id])
-        return done
-
     async def dead(self, entry: Entry, reason: str, detail: str) -> None:
-        """Dead-letter a prompt that was never admitted (its original bytes and the reason) and ack it."""
+        """Dead-letter a prompt (its original bytes and the reason) and ack it."""
         await self.streams.dead_letter(
             self.keys.dead,
             self.keys.prompts,
