@@ -5,6 +5,9 @@
 - XREADGROUP / XACK / XAUTOCLAIM / XPENDING wrappers return plain ``Entry`` objects;
 - XAUTOCLAIM replies of Redis 6.2 (2 elements) and 7.x (3 elements, with deleted ids) are both handled;
 - dead-lettering copies the original bytes with the reason to the dead stream, then acks;
+- a producer appends a group and acks its prompt in one script, only while the prompt is still pending for
+  it (``append_owned``), and keeps its prompts' pending entries fresh (``refresh_own``) so that no one,
+  itself included, reclaims them while it works on them;
 - connection errors (and only those) are retried with exponential backoff for ``retry_for_s``.
 """
 
@@ -59,6 +62,97 @@ def _entry(raw_id, fields) -> Entry:
     if payload is None and isinstance(fields, dict):
         payload = fields.get(FIELD.decode())
     return Entry(_sid(raw_id), payload if payload is not None else b"")
+
+
+# XPENDING of one id: {{id, consumer, idle, deliveries}} or {}; "mine" when pending for ARGV[2]
+_OWNED = """
+local function owned(stream, group, consumer, id)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
+"""
+
+_REFRESH_OWN = (
+    _OWNED
+    + """
+-- KEYS: stream; ARGV: group, consumer, ids...; returns the ids still pending for consumer (idle reset to 0)
+local mine = {}
+for i = 3, #ARGV do
+  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    mine[#mine + 1] = ARGV[i]
+  end
+end
+return mine
+"""
+)
+
+# closing an admission (common/admission.py): out of both open sets; counted released only if it was open
+_CLOSE = """
+local function close(open, versions, released, group_id, count)
+  if group_id == '' or open == '' then return 0 end
+  local was = redis.call('ZREM', open, group_id)
+  redis.call('ZREM', versions, group_id)
+  if was == 1 and count then redis.call('INCR', released) end
+  return was
+end
+"""
+
+_PENDING_FOR = (
+    _OWNED
+    + """
+-- KEYS: stream; ARGV: group, consumer, ids...; returns the ids still pending for consumer (nothing changed)
+local mine = {}
+for i = 3, #ARGV do
+  if owned(KEYS[1], ARGV[1], ARGV[2], ARGV[i]) then mine[#mine + 1] = ARGV[i] end
+end
+return mine
+"""
+)
+
+_APPEND_OWNED = (
+    _OWNED
+    + _CLOSE
+    + """
+-- KEYS: target stream, source stream, open, versions, released ('' x3: no admission to close)
+-- ARGV: group, consumer, maxlen (0 = none), then (source entry id, group id, payload) per item
+-- returns per item the new entry id, or '' when the source entry is no longer pending for consumer
+local out = {}
+for i = 4, #ARGV, 3 do
+  local eid, gid, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if owned(KEYS[2], ARGV[1], ARGV[2], eid) then
+    local id
+    if tonumber(ARGV[3]) > 0 then
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', payload)
+    else
+      id = redis.call('XADD', KEYS[1], '*', 'm', payload)
+    end
+    redis.call('XACK', KEYS[2], ARGV[1], eid)
+    close(KEYS[3], KEYS[4], KEYS[5], gid, false)
+    out[#out + 1] = id
+  else
+    out[#out + 1] = ''
+  end
+end
+return out
+"""
+)
+
+_DEAD_OWNED = (
+    _OWNED
+    + _CLOSE
+    + """
+-- KEYS: source stream, dead stream, open, versions, released ('' x3: no admission to close)
+-- ARGV: group, consumer, entry id, letter, maxlen, group id ('' = none)
+-- returns {done, released}: done 0 when the entry is no longer pending for consumer (nothing written)
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return {0, 0} end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'm', ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return {1, close(KEYS[3], KEYS[4], KEYS[5], ARGV[6], true)}
+"""
+)
+
+NO_CLOSE = ("", "", "")
 
 
 class StreamClient:
@@ -246,6 +340,124 @@ class StreamClient:
         await self.append(dead_stream, encode(letter), maxlen)
         await self.ack(source_stream, group, [entry.id])
         log.warning("dead-lettered %s %s: %s: %s", source_stream, entry.id, reason, detail[:300])
+
+    async def copy_to_dead(
+        self,
+        dead_stream: str,
+        source_stream: str,
+        entry: Entry,
+        reason: str,
+        detail: str,
+        consumer: str,
+        maxlen: int,
+    ) -> None:
+        """Copy the original bytes with the reason to the dead stream and leave the source entry pending: its
+        consumer acks it later, with what it commits (the learner: with the checkpoint of the step that
+        counted it, so a resume from an older checkpoint reads and counts it again)."""
+        letter = DeadLetter(
+            source_stream=source_stream,
+            entry_id=entry.id,
+            reason=reason,
+            detail=detail[:2000],
+            payload=entry.payload or b"",
+            consumer=consumer,
+        )
+        await self.append(dead_stream, encode(letter), maxlen)
+        log.warning("dead-lettered %s %s: %s: %s", source_stream, entry.id, reason, detail[:300])
+
+    # ------------------------------------------------------------------ a consumer's own pending entries
+    def _script(self, source: str):
+        """The registered Lua script of ``source`` (EVALSHA, loaded on first use by redis-py)."""
+        scripts = self.__dict__.setdefault("_scripts", {})
+        if source not in scripts:
+            scripts[source] = self.redis.register_script(source)
+        return scripts[source]
+
+    async def refresh_own(self, stream: str, group: str, consumer: str, ids: Iterable[str]) -> list[str]:
+        """Of ``ids``, those still pending for ``consumer``, with their idle time reset (XCLAIM ... JUSTID
+        to itself, which neither counts a delivery nor takes an entry that another consumer reclaimed): a
+        consumer that calls this more often than the reclaim idle time never has its entries reclaimed."""
+        ids = list(ids)
+        if not ids:
+            return []
+
+        async def go():
+            return await self._script(_REFRESH_OWN)(keys=[stream], args=[group, consumer, *ids])
+
+        return [_sid(x) for x in await self.call(go, f"XCLAIM {stream} x{len(ids)} (refresh)")]
+
+    async def pending_for(self, stream: str, group: str, consumer: str, ids: Iterable[str]) -> list[str]:
+        """Of ``ids``, those still pending for ``consumer`` (read only: idle times are left as they are)."""
+        ids = list(ids)
+        if not ids:
+            return []
+
+        async def go():
+            return await self._script(_PENDING_FOR)(keys=[stream], args=[group, consumer, *ids])
+
+        return [_sid(x) for x in await self.call(go, f"XPENDING {stream} x{len(ids)}")]
+
+    async def append_owned(
+        self,
+        stream: str,
+        maxlen: int | None,
+        source: str,
+        group: str,
+        consumer: str,
+        items: list[tuple[str, str, bytes]],
+        close: tuple[str, str, str] = NO_CLOSE,
+    ) -> list[str | None]:
+        """For each ``(source entry id, group id, payload)``, atomically: XADD the payload to ``stream`` and
+        XACK the source entry, and close the group's admission (``common/admission.py``: ``close`` are its
+        two open sets and released counter), but only while the source entry is still pending for
+        ``consumer``. Returns the new entry ids, None where the entry was no longer ours (another consumer
+        reclaimed it, or acked it: its copy is the one that counts). A retry after a lost reply finds the
+        entries acked and appends nothing twice."""
+        if not items:
+            return []
+        args: list = [group, consumer, int(maxlen or 0)]
+        for eid, gid, payload in items:
+            args += [eid, gid, payload]
+
+        async def go():
+            return await self._script(_APPEND_OWNED)(keys=[stream, source, *close], args=args)
+
+        reply = await self.call(go, f"XADD {stream} x{len(items)} (owned)")
+        return [_sid(x) or None for x in reply]
+
+    async def dead_letter_owned(
+        self,
+        dead_stream: str,
+        source_stream: str,
+        group: str,
+        entry: Entry,
+        reason: str,
+        detail: str,
+        consumer: str,
+        maxlen: int,
+        group_id: str = "",
+        close: tuple[str, str, str] = NO_CLOSE,
+    ) -> tuple[bool, bool]:
+        """Dead-letter and ack ``entry`` and close the admission of ``group_id`` (counted released if it was
+        open), atomically and only while the entry is still pending for ``consumer``. Returns (done,
+        released); nothing is written when the entry is no longer ours (its new owner decides)."""
+        letter = DeadLetter(
+            source_stream=source_stream,
+            entry_id=entry.id,
+            reason=reason,
+            detail=detail[:2000],
+            payload=entry.payload or b"",
+            consumer=consumer,
+        )
+        args = [group, consumer, entry.id, encode(letter), maxlen, group_id]
+
+        async def go():
+            return await self._script(_DEAD_OWNED)(keys=[source_stream, dead_stream, *close], args=args)
+
+        done, released = (int(x) for x in await self.call(go, f"XADD {dead_stream} (owned)"))
+        if done:
+            log.warning("dead-lettered %s %s: %s: %s", source_stream, entry.id, reason, detail[:300])
+        return bool(done), bool(released)
 
     # ------------------------------------------------------------------ inspection and trimming
     async def length(self, stream: str) -> int:
