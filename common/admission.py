@@ -3,65 +3,125 @@
 A group admitted now, by a producer holding weights of version ``w``, is trained after every group
 admitted before it. ``v`` is the version the learner's *next* batch will be trained with (its
 ``next_version``: one more than its weights while a taken batch is still training, so the step in
-flight is not forgotten). With the learner having taken ``consumed`` groups and ``B``
-groups per step, it is consumed at about version ``v + outstanding / B`` where
-``outstanding = admitted - consumed``; its staleness stays <= K iff
-``outstanding < (K + 1 - (v - w)) * B``. With nothing dropped (consumed = v·B) this is AReaL's
+flight is not forgotten). With ``outstanding`` groups ahead of it and ``B`` groups per step, it is
+consumed at about version ``v + outstanding / B``; its staleness stays <= K iff
+``outstanding < (K + 1 - (v - w)) * B``. With nothing dropped this is AReaL's
 ``(K + w + 1)·B − (accepted + running)``. Before any learner exists the bound is at least
 ``prefill_min_groups``.
+
+**Every admitted group ends in exactly one terminal state that frees its slot**, so
+``outstanding = admitted − consumed − released``:
+
+- ``consumed`` (the learner-state hash): groups the learner took off the rollouts stream, trained or
+  dropped (stale, duplicate, a well-formed group it dead-letters). The learner rolls it back to its
+  checkpoint on a resume and counts the entries it re-reads again, so it never drifts;
+- ``released`` (``keys.released_count``, never rolled back): admitted groups that never reach the rollouts
+  stream: dead-lettered by their producer (atomically with the dead letter, ``common/streams.py``) or
+  expired (below).
+
+An admission is *open* (``keys.admissions_open``, with its weight version in ``keys.admissions_version``)
+from admission until its group is appended (closed atomically with the XADD) or its prompt dead-lettered.
+A reclaimed or retried prompt re-uses its open admission: a lost reply or a reclaim never counts twice. An
+admission still open after ``lease_s`` (an hour: its producer died and nobody reclaimed the prompt) expires:
+it is closed and counted in ``released``, and a later reclaim of that prompt is a new admission. Open
+admissions are the groups being generated: their count is bounded by the bound itself.
 
 The learner is the authority on K, B and G: it writes ``max_staleness``, ``batch_groups`` and
 ``group_size`` into ``keys.learner_state``, and the bound uses those. A producer's own K and B are
 used only before any learner has written them (the prefill); a producer whose G differs from the
 learner's is refused (:class:`GroupSizeMismatch`).
-
-A group id is admitted at most once (a reclaimed prompt re-uses its admission), atomically in Lua.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from common.keys import RunKeys
 
 log = logging.getLogger(__name__)
 
-# A marker only has to outlive a reclaim (claim_idle_ms plus a generation). Should one expire first,
-# the reclaimed group may be counted twice, which errs on the safe side (one group less of headroom,
-# never more than the bound); an hour bounds the markers to an hour of admissions.
-MARKER_TTL_S = 3600
+# An open admission only has to outlive one generation (claim_idle_ms plus an engine call if its producer
+# died and another reclaimed the prompt). One that expires is released; should its group still arrive, the
+# bound is one group looser for good (never tighter: the pipeline cannot stall on it).
+LEASE_S = 3600
+EXPIRE_BATCH = 256  # expired admissions closed per admission call (the rest at the next calls)
 
 # the learner-state fields the learner writes as the authority on the pipeline's shape
 SHAPE_FIELDS = ("max_staleness", "batch_groups", "group_size")
 
 _ADMIT = """
--- KEYS: admitted_count, admitted_marker, learner_state
--- ARGV: w, K, B, prefill_min, marker_ttl_s, G (0 = not checked)
--- returns {status, headroom, K, B}: status 1 admitted, 0 refused, -1 wrong G (headroom = the learner's G)
-local s = redis.call('HMGET', KEYS[3], 'next_version', 'version', 'consumed', 'max_staleness', 'batch_groups',
+-- KEYS: admitted_count, admissions_open, admissions_version, learner_state, released_count
+-- ARGV: group_id, w, K, B, prefill_min, lease_s, G (0 = not checked), now (unix s), expire_batch
+-- returns {status, headroom, K, B, expired}: status 1 admitted, 0 refused, -1 wrong G (headroom = the
+-- learner's G); expired: admissions closed as expired by this call
+local s = redis.call('HMGET', KEYS[4], 'next_version', 'version', 'consumed', 'max_staleness', 'batch_groups',
                      'group_size')
 -- the learner's K and B once it has written them; the producer's own only before (the prefill)
-local K, B = tonumber(s[4] or ARGV[2]), tonumber(s[5] or ARGV[3])
-local G = tonumber(ARGV[6])
-if s[6] and G > 0 and tonumber(s[6]) ~= G then return {-1, tonumber(s[6]), K, B} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1, K, B} end
+local K, B = tonumber(s[4] or ARGV[3]), tonumber(s[5] or ARGV[4])
+local G = tonumber(ARGV[7])
+if s[6] and G > 0 and tonumber(s[6]) ~= G then return {-1, tonumber(s[6]), K, B, 0} end
+local w, now = tonumber(ARGV[2]), tonumber(ARGV[8])
+-- admissions open for longer than the lease will never be appended: close them, count them released
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[6]), 'LIMIT', 0, tonumber(ARGV[9]))
+if #old > 0 then
+  redis.call('ZREM', KEYS[2], unpack(old))
+  redis.call('ZREM', KEYS[3], unpack(old))
+  redis.call('INCRBY', KEYS[5], #old)
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  -- a reclaimed or retried prompt: its admission is re-used, with a fresh lease and the newer version
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  local had = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or '0')
+  if w > had then redis.call('ZADD', KEYS[3], w, ARGV[1]) end
+  return {1, -1, K, B, #old}
+end
 local v = tonumber(s[1] or s[2] or '0')
 local consumed = tonumber(s[3] or '0')
 local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
-local w, prefill = tonumber(ARGV[1]), tonumber(ARGV[4])
+local released = tonumber(redis.call('GET', KEYS[5]) or '0')
+local prefill = tonumber(ARGV[5])
 local lag = v - w
 if lag < 0 then lag = 0 end
 local cap = (K + 1 - lag) * B
 if v == 0 and consumed == 0 and cap < prefill then cap = prefill end
-local outstanding = admitted - consumed
+local outstanding = admitted - consumed - released
 if outstanding < cap then
   redis.call('INCR', KEYS[1])
-  redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[5]))
-  return {1, cap - outstanding - 1, K, B}
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('ZADD', KEYS[3], w, ARGV[1])
+  return {1, cap - outstanding - 1, K, B, #old}
 end
-return {0, cap - outstanding, K, B}
+return {0, cap - outstanding, K, B, #old}
 """
+
+
+def close_keys(keys: RunKeys) -> tuple[str, str, str]:
+    """The keys a terminal state touches to close an admission: the two open sets and the released
+    counter (``common/streams.py`` closes admissions atomically with the append or the dead letter)."""
+    return keys.admissions_open, keys.admissions_version, keys.released_count
+
+
+async def generating_at(client, keys: RunKeys, version: int) -> int:
+    """Open admissions (admitted, not yet appended nor dead-lettered) made with weights of ``version``."""
+    return int(await client.zcount(keys.admissions_version, version, version))
+
+
+async def accounting(client, keys: RunKeys) -> dict[str, int]:
+    """The admission counters: admitted, released, open, and the learner's consumed (0 before a learner)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.get(keys.admitted_count)
+    pipe.get(keys.released_count)
+    pipe.zcard(keys.admissions_open)
+    pipe.hget(keys.learner_state, "consumed")
+    admitted, released, open_, consumed = await pipe.execute()
+    return {
+        "admitted": int(admitted or 0),
+        "released": int(released or 0),
+        "open": int(open_ or 0),
+        "consumed": int(consumed or 0),
+    }
 
 
 class GroupSizeMismatch(ValueError):
@@ -92,7 +152,7 @@ class Admitter:
         batch_groups: int,
         prefill_min_groups: int,
         group_size: int = 0,
-        marker_ttl_s: int = MARKER_TTL_S,
+        lease_s: float = LEASE_S,
     ):
         """``max_staleness`` and ``batch_groups`` bound the prefill only (until the learner publishes its
         own); ``group_size`` > 0 is checked against the learner's."""
@@ -101,23 +161,40 @@ class Admitter:
         self.batch_groups = batch_groups
         self.prefill_min_groups = prefill_min_groups
         self.group_size = group_size
-        self.marker_ttl_s = marker_ttl_s
+        self.lease_s = lease_s
         self._script = client.register_script(_ADMIT)
         self._warned: tuple[int, int] | None = None
 
     async def try_admit(self, group_id: str, weight_version: int) -> Admission:
         """Admit ``group_id`` if the bound allows; raise :class:`GroupSizeMismatch` if the learner's G is
         another (nothing is admitted then)."""
-        keys = [self.keys.admitted_count, self.keys.admitted_group(group_id), self.keys.learner_state]
+        k_ = self.keys
+        keys = [
+            k_.admitted_count,
+            k_.admissions_open,
+            k_.admissions_version,
+            k_.learner_state,
+            k_.released_count,
+        ]
         args = [
+            group_id,
             weight_version,
             self.max_staleness,
             self.batch_groups,
             self.prefill_min_groups,
-            self.marker_ttl_s,
+            self.lease_s,
             self.group_size,
+            time.time(),
+            EXPIRE_BATCH,
         ]
-        status, headroom, k, b = (int(x) for x in await self._script(keys=keys, args=args))
+        status, headroom, k, b, expired = (int(x) for x in await self._script(keys=keys, args=args))
+        if expired:
+            log.warning(
+                "%d admissions open for more than %.0fs (never appended nor dead-lettered) expired: "
+                "their slots are released",
+                expired,
+                self.lease_s,
+            )
         if status < 0:
             raise GroupSizeMismatch(self.group_size, headroom)
         self._note_bound(k, b)

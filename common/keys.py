@@ -80,9 +80,23 @@ class RunKeys:
         """Counter of groups admitted by producers (docs/architecture.md, "Admission control")."""
         return f"{self.prefix}:admitted"
 
-    def admitted_group(self, group_id: str) -> str:
-        """Marker that a group id was admitted once (a reclaimed prompt is not counted twice)."""
-        return f"{self.prefix}:admitted:{group_id}"
+    @property
+    def released_count(self) -> str:
+        """Counter of admitted groups that ended without reaching the learner: dead-lettered by a producer
+        (reward error, engine refusal, a group that does not encode) or expired. Never rolled back."""
+        return f"{self.prefix}:released"
+
+    @property
+    def admissions_open(self) -> str:
+        """Sorted set: group id -> unix time of its (re)admission, for every admitted group not yet appended
+        to the rollouts stream nor dead-lettered (a reclaimed prompt re-uses its entry)."""
+        return f"{self.prefix}:admissions:open"
+
+    @property
+    def admissions_version(self) -> str:
+        """Sorted set: group id -> the producer's weight version at admission, same members as
+        :attr:`admissions_open` (the learner waits for the ones about to turn stale)."""
+        return f"{self.prefix}:admissions:version"
 
     @property
     def prompt_cursor(self) -> str:

@@ -7,7 +7,9 @@ config, tokenizer), ``trainer_state/`` and ``manifest.json``, then ``STABLE`` wr
 - ``tensors.safetensors``: every tensor of the optimizer and scheduler states and the RNG states;
 - ``state.json``: the non-tensor structure, with ``{"__tensor__": name}`` where a tensor was, plus
   step, version, consumed, prompt cursor and the entry ids consumed since the previous checkpoint;
-- ``trained_ids.json``: every group id trained so far (drops duplicates after a resume).
+- ``trained_ids.json``: the group ids trained in the last window of steps (``learner/intake.py``,
+  ``TrainedIds``) with the step each was trained at, ``{"format": 2, "ids": {group_id: step}}`` (drops
+  duplicates after a resume); a plain list (the first format) is read as ids trained at the checkpoint's step.
 The loader opens exactly these three names, with safetensors and json: a pickle planted anywhere
 in the directory is never read.
 
@@ -24,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 STATE_DIR = "trainer_state"
 TENSORS_FILE, STATE_FILE, IDS_FILE = "tensors.safetensors", "state.json", "trained_ids.json"
+IDS_FORMAT = 2  # trained_ids.json: {"format": 2, "ids": {group_id: step}}; format 1 was a plain list
 CRASH_ENV = "LEARNER_TEST_CRASH_AT"
 FAULT_ENV = "LEARNER_TEST_FAULT"
 
@@ -107,7 +111,7 @@ class Snapshot:
     rng: dict[str, torch.Tensor]
     counters: dict[str, Any]  # consumed, prompt_cursor, ...
     entry_ids: list[str]  # rollout entries consumed since the previous checkpoint (acked once this is STABLE)
-    trained_ids: list[str]
+    trained_ids: dict[str, int]  # group id -> step trained at (ids given without a step: this step)
     created_at: float = field(default_factory=time.time)
 
 
@@ -129,13 +133,23 @@ def rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
+def trained_steps(trained_ids: Mapping[str, int] | Iterable[str], step: int) -> dict[str, int]:
+    """Group id -> step trained at, from a mapping, an object with ``steps()`` (``learner.intake.TrainedIds``),
+    or plain ids (taken as trained at ``step``: at the latest then)."""
+    if hasattr(trained_ids, "steps"):
+        trained_ids = trained_ids.steps()
+    if isinstance(trained_ids, Mapping):
+        return {str(g): int(s) for g, s in trained_ids.items()}
+    return dict.fromkeys((str(g) for g in trained_ids), int(step))
+
+
 def take_snapshot(model, optimizer, scheduler, *, step: int, counters: dict, entry_ids: list[str],
-                  trained_ids: list[str]) -> Snapshot:  # fmt: skip
+                  trained_ids: Mapping[str, int] | Iterable[str]) -> Snapshot:  # fmt: skip
     """CPU copies of everything a checkpoint holds (fast; the loop thread then moves on)."""
     return Snapshot(
         step=step, version=step, model_state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
         optimizer=_clone(optimizer.state_dict()), scheduler=_clone(scheduler.state_dict()), rng=_clone(rng_state()),
-        counters=dict(counters), entry_ids=list(entry_ids), trained_ids=list(trained_ids),
+        counters=dict(counters), entry_ids=list(entry_ids), trained_ids=trained_steps(trained_ids, step),
     )  # fmt: skip
 
 
@@ -171,7 +185,7 @@ def write_trainer_state(dest: Path, snap: Snapshot) -> None:
         **structure,
     }
     (dest / STATE_FILE).write_text(json.dumps(state))
-    (dest / IDS_FILE).write_text(json.dumps(snap.trained_ids))
+    (dest / IDS_FILE).write_text(json.dumps({"format": IDS_FORMAT, "ids": snap.trained_ids}))
 
 
 def write_checkpoint(
@@ -251,6 +265,16 @@ class TrainerState:
     optimizer: dict
     scheduler: dict
     rng: dict[str, torch.Tensor]
+    trained_steps: dict[str, int] = field(default_factory=dict)  # trained_ids with the step of each
+
+
+def _read_trained(raw: Any, step: int) -> dict[str, int]:
+    """trained_ids.json of either format: ``{"format": 2, "ids": {id: step}}`` or a list of ids (format 1)."""
+    if isinstance(raw, list):
+        return dict.fromkeys((str(x) for x in raw), step)
+    if isinstance(raw, dict) and raw.get("format") == IDS_FORMAT and isinstance(raw.get("ids"), dict):
+        return {str(g): int(s) for g, s in raw["ids"].items()}
+    raise ValueError(f"{IDS_FILE}: neither a list of ids nor {{'format': {IDS_FORMAT}, 'ids': {{...}}}}")
 
 
 def load_trainer_state(step_dir: Path) -> TrainerState:
@@ -259,14 +283,14 @@ def load_trainer_state(step_dir: Path) -> TrainerState:
     try:
         tensors = load_file(str(d / TENSORS_FILE))
         state = json.loads((d / STATE_FILE).read_text())
-        trained = json.loads((d / IDS_FILE).read_text())
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        trained = _read_trained(json.loads((d / IDS_FILE).read_text()), int(state["step"]))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CheckpointError(f"{d}: unreadable trainer state ({type(e).__name__}: {e})") from None
     return TrainerState(
         step=int(state["step"]), version=int(state["version"]), counters=dict(state["counters"]),
-        entry_ids=[str(x) for x in state["entry_ids"]], trained_ids=[str(x) for x in trained],
+        entry_ids=[str(x) for x in state["entry_ids"]], trained_ids=list(trained),
         optimizer=unflatten(state["optimizer"], tensors), scheduler=unflatten(state["scheduler"], tensors),
-        rng=unflatten(state["rng"], tensors),
+        rng=unflatten(state["rng"], tensors), trained_steps=trained,
     )  # fmt: skip
 
 

@@ -2,20 +2,35 @@
 
 - a reader task pulls entries (this consumer's own pending ones first after a resume, then new ones),
   decodes and validates them while the current step trains in a thread: poison entries go to the
-  dead-letter stream (acked there), good ones to a bounded queue;
-- ``take()`` hands out B trainable groups, classifying each group it takes off the queue: a duplicate
-  (its group id already trained) and a group staler than K are dropped and counted. Every entry taken,
-  dropped or not, is acked later with the checkpoint of the step it was taken for (``learner.publisher``).
+  dead-letter stream, good ones to a bounded queue;
+- ``take()`` moves what the reader queued into a buffer and hands out B trainable groups: **the oldest
+  first** (lowest weight version, then arrival), so that a slow producer's group is not overtaken by newer
+  ones until it is too stale. Before it fills a batch with groups that could wait, it waits (boundedly) for
+  groups that must be trained in this step or never: admitted at version ``step − K`` and still being
+  generated (``common/admission.py``, the open admissions). Groups staler than K and duplicates (a group
+  id already trained) are dropped and counted;
+- every entry taken, dropped or not, counts in ``consumed`` and is acked later with the checkpoint of the
+  step it was taken for (``learner.publisher``). A well-formed group the learner dead-letters (another
+  model, token ids outside the vocabulary; an entry deleted while pending) had been admitted: it counts in
+  ``consumed`` too, and its entry is acked with the checkpoint like the others, so that a resume from an
+  older checkpoint (which rolls ``consumed`` back) reads and counts it again: no admission slot leaks.
+  Undecodable garbage was never admitted: it is dead-lettered and acked at once, uncounted.
+
+Trained group ids are kept for a window of steps (:class:`TrainedIds`), not for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from common.admission import generating_at
 from common.config import Settings
 from common.keys import LEARNER_GROUP, RunKeys
 from common.streams import Entry, StreamClient
@@ -26,6 +41,86 @@ from learner.state import LearnerState
 log = logging.getLogger(__name__)
 CONSUMER = "learner-0"
 READ_BLOCK_MS = 1000
+# trained ids are kept for max(DEDUP_GROUPS / B, 4 publish intervals, 2 (K + 1)) steps (TrainedIds)
+DEDUP_GROUPS = 2048
+# waiting for groups that turn stale after this step: polled this often, for at least URGENT_WAIT_MIN_S and
+# otherwise twice the longest recent engine call, never more than URGENT_WAIT_MAX_S
+URGENT_POLL_S = 0.05
+URGENT_WAIT_MIN_S, URGENT_WAIT_MAX_S = 1.0, 30.0
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def dedup_window_steps(batch_groups: int, publish_every: int, max_staleness: int) -> int:
+    """Steps for which a trained group id is remembered.
+
+    A second copy of a group can no longer come from the pipeline itself: a producer appends a group and
+    acks its prompt in one atomic step and only while the prompt is still pending for it
+    (``StreamClient.append_owned``), so one prompt entry yields one group. Copies come from elsewhere: the
+    same task id enqueued twice (``gspo prompts load`` of one file twice, a feeder resumed from an older
+    cursor), whose second copy is admitted while or shortly after the first trains, and groups re-read after
+    a learner crash, which are at most a publish interval behind the checkpoint. Any copy generated with
+    weights older than ``step − K`` is dropped as stale anyway. So a few publish intervals and K versions
+    suffice; the ``DEDUP_GROUPS / B`` term keeps about 2,000 ids (~100 kB, in every checkpoint) for margin at
+    small B. A file loaded again after the window is trained again (a new epoch of it)."""
+    return max(math.ceil(DEDUP_GROUPS / batch_groups), 4 * publish_every, 2 * (max_staleness + 1))
+
+
+class TrainedIds:
+    """Group ids trained in the last ``window`` steps, each with the step it was trained at.
+
+    Iterates over the ids (what a checkpoint stores); ``steps()`` gives the ids with their steps."""
+
+    def __init__(self, window: int, initial: Mapping[str, int] | Iterable[str] = (), step: int = 0):
+        self.window = max(1, int(window))
+        self._step: dict[str, int] = {}
+        self._by_step: dict[int, list[str]] = {}
+        items = initial.items() if isinstance(initial, Mapping) else ((g, step) for g in initial)
+        for gid, s in sorted(items, key=lambda x: x[1]):
+            self._put(str(gid), int(s))
+        self.forget_before(max(self._by_step, default=step) - self.window + 1)
+
+    def __contains__(self, group_id: object) -> bool:
+        return group_id in self._step
+
+    def __len__(self) -> int:
+        return len(self._step)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._step))
+
+    def steps(self) -> dict[str, int]:
+        return dict(self._step)
+
+    def add(self, group_ids: Iterable[str], step: int) -> None:
+        """Record ``group_ids`` as trained at ``step`` and forget those trained ``window`` steps before."""
+        for gid in group_ids:
+            self._put(gid, step)
+        self.forget_before(step - self.window + 1)
+
+    def _put(self, gid: str, step: int) -> None:
+        old = self._step.get(gid)
+        if old is not None:
+            self._by_step[old].remove(gid)
+        self._step[gid] = step
+        self._by_step.setdefault(step, []).append(gid)
+
+    def forget_before(self, step: int) -> None:
+        for s in [s for s in self._by_step if s < step]:
+            for gid in self._by_step.pop(s):
+                if self._step.get(gid) == s:
+                    del self._step[gid]
+
+
+@dataclass(frozen=True)
+class DeadRollout:
+    """A dead-lettered entry that counts as consumed (a well-formed group, or one deleted while pending)."""
+
+    entry_id: str
+    reason: str
 
 
 @dataclass
@@ -39,6 +134,8 @@ class TakenBatch:
     stale_dropped: int = 0
     # group ids dropped as too stale (accounting: nothing is silently lost)
     stale_ids: list[str] = field(default_factory=list)
+    dead: int = 0  # dead-lettered well-formed entries counted with this batch
+    urgent_wait_s: float = 0.0  # time spent waiting for groups that would turn stale after this step
 
 
 class Intake:
@@ -50,14 +147,28 @@ class Intake:
         state: LearnerState,
         fingerprint: str,
         vocab_size: int,
-        trained_ids: set[str],
+        trained_ids: Mapping[str, int] | Iterable[str],
     ):
         self.s, self.streams, self.keys, self.state = settings, streams, keys, state
         self.fingerprint, self.vocab_size = fingerprint, vocab_size
-        # group ids trained so far (restored from the checkpoint): a group is never trained twice
-        self.trained_ids = trained_ids
+        p = settings.pipeline
+        self.window = dedup_window_steps(p.batch_groups, settings.learner.publish_every, p.max_staleness)
+        # group ids trained in the last ``window`` steps (restored from the checkpoint, trained at its step
+        # or earlier): a duplicate inside the window is dropped
+        self.trained_ids = (
+            trained_ids
+            if isinstance(trained_ids, TrainedIds)
+            else TrainedIds(self.window, trained_ids, step=state.step)
+        )
         self.dead = 0  # entries dead-lettered
-        self.queue: asyncio.Queue[TakenGroup] = asyncio.Queue(maxsize=2 * settings.pipeline.batch_groups)
+        self.queue: asyncio.Queue[TakenGroup | DeadRollout] = asyncio.Queue(maxsize=2 * p.batch_groups)
+        # groups read and not yet taken, with their arrival number (take() picks the oldest versions first)
+        self.buffer: list[tuple[int, TakenGroup]] = []
+        self.buffer_cap = 4 * (p.max_staleness + 2) * p.batch_groups  # what admission lets be outstanding
+        self._early: list[TakenGroup | DeadRollout] = []  # taken off the queue by _next, before the queue
+        self._arrivals = itertools.count()
+        self._gen_s: deque[float] = deque(maxlen=4 * p.batch_groups)  # recent engine call times
+        self._handled = (0, 0)  # the newest rollouts entry the reader queued or dead-lettered
         self.holding: TakenBatch | None = None  # the batch ``take()`` is filling
         self._stop = asyncio.Event()
         self._reader: asyncio.Task | None = None
@@ -68,7 +179,8 @@ class Intake:
         return len(self.holding.entry_ids) if self.holding is not None else 0
 
     def mark_trained(self, group_ids: list[str]) -> None:
-        self.trained_ids.update(group_ids)
+        """The groups of the step just trained (``state.step``)."""
+        self.trained_ids.add(group_ids, self.state.step)
 
     # ------------------------------------------------------------------ the reader task
     def start(self) -> None:
@@ -105,32 +217,28 @@ class Intake:
             for e in entries:
                 if not await self._accept(e):
                     return  # stopping with the queue full: the entry stays pending for the next run
+                self._handled = max(self._handled, _entry_key(e.id))
 
     async def _accept(self, entry: Entry) -> bool:
         """Dead-letter or queue one entry; False if the learner stopped while the queue was full."""
+        item: TakenGroup | DeadRollout
         try:
-            taken = decode_entry(entry, self.fingerprint, self.vocab_size)
+            item = decode_entry(entry, self.fingerprint, self.vocab_size)
         except BadRollout as bad:
             self.dead += 1
-            if bad.well_formed:
-                # admission control counted it: release its slot now, not at the next step (a producer
-                # of another model could otherwise fill the bound before any step)
-                self.state.consumed += 1
-                await self.state.write_consumed()
-            await self.streams.dead_letter(
-                self.keys.dead,
-                self.keys.rollouts,
-                LEARNER_GROUP,
-                entry,
-                bad.reason,
-                bad.detail,
-                CONSUMER,
-                self.s.pipeline.dead_maxlen,
-            )
-            return True
+            args = (self.keys.dead, self.keys.rollouts)
+            tail = (bad.reason, bad.detail, CONSUMER, self.s.pipeline.dead_maxlen)
+            if not (bad.well_formed or bad.reason == "deleted"):
+                # garbage no producer made (no admission counted it): dead-lettered and acked now
+                await self.streams.dead_letter(*args, LEARNER_GROUP, entry, *tail)
+                return True
+            # a producer's group: admission counted it, so it is consumed, counted when take() meets it and
+            # acked with that step's checkpoint (see the module docstring)
+            await self.streams.copy_to_dead(*args, entry, *tail)
+            item = DeadRollout(entry.id, bad.reason)
         while not self._stop.is_set():  # polled, not awaited: the reader is never cancelled (stop())
             try:
-                self.queue.put_nowait(taken)
+                self.queue.put_nowait(item)
                 return True
             except asyncio.QueueFull:
                 await asyncio.sleep(0.05)
@@ -138,40 +246,129 @@ class Intake:
 
     # ------------------------------------------------------------------ taking a batch
     async def take(self, stop: asyncio.Event, idle: Callable[[], Awaitable[None]]) -> TakenBatch | None:
-        """B trainable groups (duplicates and too-stale ones are dropped, counted and acked later); None once
-        ``stop`` is set. ``idle`` runs after each second spent waiting for the queue."""
+        """B trainable groups, oldest versions first (duplicates and too-stale ones are dropped, counted and
+        acked later); None once ``stop`` is set. ``idle`` runs after each second spent waiting for the queue."""
         taken = self.holding = TakenBatch()
+        b = self.s.pipeline.batch_groups
         last_log = time.monotonic()
-        while len(taken.groups) < self.s.pipeline.batch_groups:
+        ready_since: float | None = None
+        while True:
             if stop.is_set():
                 return None
-            try:
-                tg = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except TimeoutError:
-                if self._reader is not None and self._reader.done():
-                    self._reader.result()  # re-raise the reader's error
-                await idle()
-                if time.monotonic() - last_log >= self.s.learner.wait_log_s:
-                    last_log = time.monotonic()
-                    await self._log_waiting(len(taken.groups))
+            if self._drain(taken) | self._drop_unusable(taken):
+                await self.state.write_consumed()  # release their admission slots now
+            if len(self.buffer) >= b:
+                now = time.monotonic()
+                ready_since = now if ready_since is None else ready_since
+                if await self._wait_for_urgent(now - ready_since):
+                    await self._next(URGENT_POLL_S)
+                    continue
+                if (self._early or not self.queue.empty()) and len(self.buffer) < self.buffer_cap:
+                    continue  # queued while we asked Redis: weigh it first
+                taken.urgent_wait_s = now - ready_since
+                if taken.urgent_wait_s > URGENT_POLL_S:
+                    log.info(
+                        "waited %.2fs (bound %.1fs) for groups that turn stale after step %d",
+                        taken.urgent_wait_s,
+                        self._urgent_wait_bound(),
+                        self.state.step + 1,
+                    )
+                self._select(taken, b)
+                self.holding = None
+                return taken
+            if await self._next(1.0):
                 continue
-            self._classify(tg, taken)
-        self.holding = None
-        return taken
+            if self._reader is not None and self._reader.done():
+                self._reader.result()  # re-raise the reader's error
+            await idle()
+            if time.monotonic() - last_log >= self.s.learner.wait_log_s:
+                last_log = time.monotonic()
+                await self._log_waiting(len(self.buffer))
 
-    def _classify(self, tg: TakenGroup, taken: TakenBatch) -> None:
+    async def _next(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the reader to queue something (kept for ``_drain``). True if it did."""
+        if self._early or not self.queue.empty():
+            return True
+        try:
+            self._early.append(await asyncio.wait_for(self.queue.get(), timeout=timeout_s))
+        except TimeoutError:
+            return False
+        return True
+
+    def _drain(self, taken: TakenBatch) -> bool:
+        """Queued entries into the buffer (dead-lettered ones are counted at once). True if any was counted."""
+        counted = False
+        while len(self.buffer) < self.buffer_cap and (self._early or not self.queue.empty()):
+            item = self._early.pop(0) if self._early else self.queue.get_nowait()
+            if isinstance(item, DeadRollout):
+                self._count(item.entry_id, taken)
+                taken.dead += 1
+                counted = True
+                continue
+            self.buffer.append((next(self._arrivals), item))
+            if item.group.gen_time_s > 0:
+                self._gen_s.append(float(item.group.gen_time_s))
+        return counted
+
+    def _count(self, entry_id: str, taken: TakenBatch) -> None:
         self.state.consumed += 1
-        taken.entry_ids.append(tg.entry_id)
-        if tg.group_id in self.trained_ids or tg.group_id in taken.ids:
-            taken.duplicates += 1
-            return
-        k = max(0, self.state.step - tg.group.version_min)
-        if k > self.s.pipeline.max_staleness:
-            taken.stale_dropped += 1
-            taken.stale_ids.append(tg.group_id)
-            return
-        taken.ids.add(tg.group_id)
-        taken.groups.append((tg.group, k))
+        taken.entry_ids.append(entry_id)
+
+    def _drop_unusable(self, taken: TakenBatch) -> bool:
+        """Drop (count, ack later) buffered groups already trained, twice in the buffer, or staler than K."""
+        keep, seen, dropped = [], set(), False
+        for arrival, tg in self.buffer:
+            k = self.state.step - tg.group.version_min
+            if tg.group_id in self.trained_ids or tg.group_id in seen:
+                self._count(tg.entry_id, taken)
+                taken.duplicates += 1
+            elif k > self.s.pipeline.max_staleness:
+                self._count(tg.entry_id, taken)
+                taken.stale_dropped += 1
+                taken.stale_ids.append(tg.group_id)
+            else:
+                seen.add(tg.group_id)
+                keep.append((arrival, tg))
+                continue
+            dropped = True
+        self.buffer = keep
+        return dropped
+
+    def _select(self, taken: TakenBatch, b: int) -> None:
+        """The ``b`` buffered groups of the oldest versions (then the earliest arrivals) into ``taken``."""
+        order = sorted(self.buffer, key=lambda x: (x[1].group.version_min, x[0]))
+        chosen, rest = order[:b], order[b:]
+        for _, tg in sorted(chosen, key=lambda x: x[0]):  # trained in arrival order within the batch
+            self._count(tg.entry_id, taken)
+            taken.ids.add(tg.group_id)
+            taken.groups.append((tg.group, max(0, self.state.step - tg.group.version_min)))
+        self.buffer = sorted(rest, key=lambda x: x[0])
+
+    async def _wait_for_urgent(self, waited_s: float) -> bool:
+        """True while the batch should wait: fewer than B buffered groups must be trained in this step (their
+        version is ``step − K``: after it they are too stale), and producers are still generating groups
+        admitted at that version, or groups are on their way (appended, not yet read: a producer closes an
+        admission as it appends the group), within the wait's bound."""
+        oldest = self.state.step - self.s.pipeline.max_staleness
+        if oldest < 0 or waited_s >= self._urgent_wait_bound():
+            return False
+        urgent = sum(1 for _, tg in self.buffer if tg.group.version_min <= oldest)
+        if urgent >= self.s.pipeline.batch_groups:
+            return False  # the batch is all must-train-now groups already: waiting cannot save another
+        redis = self.streams.redis
+        missing = await self.streams.call(
+            lambda: generating_at(redis, self.keys, oldest), "ZCOUNT admissions"
+        )
+        if missing > 0:
+            return True
+        if len(self.buffer) >= self.buffer_cap:
+            return False  # the reader waits for room: nothing more arrives before a batch is taken
+        newest = await self.streams.latest_entries(self.keys.rollouts, 1)
+        return bool(newest) and _entry_key(newest[0].id) > self._handled
+
+    def _urgent_wait_bound(self) -> float:
+        recent = max(self._gen_s, default=0.0)
+        return min(URGENT_WAIT_MAX_S, max(URGENT_WAIT_MIN_S, 2 * recent))
 
     async def _log_waiting(self, have: int) -> None:
         redis, pattern = self.streams.redis, f"{self.keys.producers}:*"

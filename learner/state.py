@@ -4,7 +4,10 @@
 - ``next_version``: the weights the next taken group will meet (one more than ``version`` while a taken
   batch is still training, so the step in flight is not forgotten);
 - ``consumed``: groups taken off the rollouts stream (trained, dropped as duplicates or too stale, or
-  well-formed groups dead-lettered: each of them had been admitted, so each releases its slot);
+  well-formed groups dead-lettered: each of them had been admitted, so each releases its slot). It is rolled
+  back to the checkpoint's value on a resume, and every entry it counted since is acked only with a later
+  checkpoint, so the resumed learner reads and counts those again: it never drifts from what admission
+  counted (``common/admission.py``: outstanding = admitted − consumed − released);
 - ``max_staleness`` (K), ``batch_groups`` (B), ``group_size`` (G): the pipeline shape. The learner is its
   authority: it writes them from its settings with every write, admission control reads K and B from
   here and a producer refuses to run with another G.

@@ -1,20 +1,37 @@
-"""Rollouts out: score each completion, XADD one RolloutGroup per prompt, and only then XACK the prompts
-(a crash in between re-generates them; the group id lets the learner keep one copy)."""
+"""Rollouts out: score each completion, then, in one atomic step per batch, XADD one RolloutGroup per prompt,
+XACK the prompts and close their admissions (``common/streams.py::append_owned``), but only for prompts still
+pending for this producer: one copy of each group reaches the learner, and no crash can land between the
+XADD and the XACK.
+
+Every admitted prompt ends here in exactly one terminal state that frees its admission slot
+(``common/admission.py``): appended (the learner consumes it), or dead-lettered with its reason and released
+(the engine gave up on it: ``PromptFailure``; its reward function raised; its group would not pass the
+learner's decoder), or not ours any more (another producer reclaimed it while this one was stalled: its
+copy is the one that counts).
+
+The reward sees the completion decoded without its final stop token only (any other special token stays in
+the text, so ``"123<pad><bos>"`` is not scored as ``"123"``) and the finish reason in ``meta``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from typing import TYPE_CHECKING
 
+from common.admission import close_keys
 from common.config import Settings
 from common.keys import PRODUCERS_GROUP, RunKeys
-from common.streams import Entry, StreamClient
-from common.wire import RolloutGroup, Sample, encode
-from producer.engines.base import Engine, GroupResult, PromptFailure
+from common.streams import StreamClient
+from common.wire import RolloutGroup, Sample, WireError, decode, encode
+from producer.engines.base import Completion, Engine, PromptFailure
 from producer.generate import sampling_from
 from producer.intake import Held
 from producer.metrics import ProducerMetrics
 
-DeadLetter = Callable[[Entry, str, str], Awaitable[None]]  # (entry, reason, detail): dead-letter and ack
+if TYPE_CHECKING:
+    from producer.intake import Intake
+
+log = logging.getLogger(__name__)
 
 
 class Appender:
@@ -26,36 +43,86 @@ class Appender:
         tokenizer,
         engine: Engine,
         metrics: ProducerMetrics,
-        dead: DeadLetter,
+        intake: Intake,
     ):
         self.streams, self.keys, self.id = streams, RunKeys(settings.run), producer_id
-        self.tokenizer, self.engine, self.metrics, self.dead = tokenizer, engine, metrics, dead
+        self.tokenizer, self.engine, self.metrics, self.intake = tokenizer, engine, metrics, intake
         self.sampling = sampling_from(settings)  # recorded in each group
         self.maxlen = settings.pipeline.rollouts_maxlen
+        # a completion that finished with "stop" ends with its stop token: the engine's stop ids (EOS ...),
+        # or failing that any special token
+        stops = {int(x) for x in self.sampling.stop_token_ids}
+        stops.update(int(x) for x in getattr(engine, "eos_ids", ()) or ())
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            stops.add(int(tokenizer.eos_token_id))
+        stops.update(int(x) for x in getattr(tokenizer, "all_special_ids", ()) or ())
+        self.stop_ids = frozenset(stops)
 
-    async def append(self, batch: list[Held], groups: list[GroupResult], gen_s: float) -> None:
-        done: list[tuple[Held, RolloutGroup]] = []
-        for h, comps in zip(batch, groups, strict=True):
-            if isinstance(comps, PromptFailure):  # the engine refused or kept failing on this prompt alone
-                await self.dead(h.entry, comps.reason, comps.detail)
+    async def append(
+        self, batch: list[Held], results: list[list[Completion] | PromptFailure], gen_s: float
+    ) -> None:
+        ready: list[tuple[Held, RolloutGroup, bytes]] = []
+        for h, result in zip(batch, results, strict=True):
+            if isinstance(result, PromptFailure):
+                await self.intake.dead_admitted(h, result.reason, result.detail)
                 continue
-            group = await self._score(h, comps, gen_s)
-            if group is not None:
-                done.append((h, group))
-        if done:
-            await self.streams.append_many(self.keys.rollouts, [encode(g) for _, g in done], self.maxlen)
-            # acked only once the groups are in the rollouts stream: a crash before this re-generates them
-            await self.streams.ack(self.keys.prompts, PRODUCERS_GROUP, [h.entry.id for h, _ in done])
-        self._count(done)
+            group = await self._score(h, result, gen_s)
+            if group is None:
+                continue  # dead-lettered
+            payload = await self._checked(h, group)
+            if payload is not None:
+                ready.append((h, group, payload))
+        appended: list[RolloutGroup] = []
+        if ready:
+            items = [(h.entry.id, g.group_id, payload) for h, g, payload in ready]
+            ids = await self.streams.append_owned(
+                self.keys.rollouts,
+                self.maxlen,
+                self.keys.prompts,
+                PRODUCERS_GROUP,
+                self.id,
+                items,
+                close_keys(self.keys),
+            )
+            appended = [g for (_, g, _), i in zip(ready, ids, strict=True) if i is not None]
+            lost = len(ready) - len(appended)
+            if lost:
+                self.metrics.lost_to_reclaim += lost
+                log.warning(
+                    "%d groups not appended: their prompts were reclaimed by another producer while this one "
+                    "was stalled for longer than claim_idle_ms (that producer's copies count)",
+                    lost,
+                )
+        self.intake.done([h.entry.id for h in batch])
+        self._count(appended)
 
-    async def _score(self, h: Held, comps: list, gen_s: float) -> RolloutGroup | None:
+    async def _checked(self, h: Held, group: RolloutGroup) -> bytes | None:
+        """The encoded group, if the learner's strict decoder accepts it; else the prompt is dead-lettered here
+        with the decoder's reason (and its slot released), instead of being refused by the learner."""
+        try:
+            payload = encode(group)
+            decode(payload, RolloutGroup)
+        except (WireError, ValueError, TypeError, OverflowError) as e:
+            reason = e.reason if isinstance(e, WireError) else "malformed"
+            await self.intake.dead_admitted(h, reason, f"group {group.group_id} does not encode: {e}")
+            return None
+        return payload
+
+    def reward_text(self, c: Completion) -> str:
+        """The completion as the reward sees it: without its final stop token, every other token kept."""
+        ids = [int(x) for x in c.token_ids]
+        if c.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    async def _score(self, h: Held, comps: list[Completion], gen_s: float) -> RolloutGroup | None:
         samples = []
         for c in comps:
-            text = self.tokenizer.decode([int(x) for x in c.token_ids], skip_special_tokens=True)
+            meta = dict(h.task.meta, finish_reason=c.finish_reason)  # a copy: rewards may keep or change it
             try:
-                reward = float(h.reward(text, h.task.meta))
+                reward = float(h.reward(self.reward_text(c), meta))
             except Exception as e:  # noqa: BLE001 - user reward code: per-message boundary (dead letter + ack)
-                await self.dead(h.entry, "reward_error", f"{type(e).__name__}: {e}")
+                await self.intake.dead_admitted(h, "reward_error", f"{type(e).__name__}: {e}")
                 return None
             versions = (c.version_start, c.version_end, c.version_spans)  # the weights each token came from
             samples.append(Sample(c.token_ids, c.logprobs, reward, c.finish_reason, *versions))
@@ -74,9 +141,9 @@ class Appender:
             gen_time_s=gen_s,
         )
 
-    def _count(self, done: list[tuple[Held, RolloutGroup]]) -> None:
+    def _count(self, done: list[RolloutGroup]) -> None:
         m = self.metrics
         m.groups_total += len(done)
-        for _, g in done:
+        for g in done:
             m.samples_total += len(g.samples)
             m.tokens_total += sum(int(s.completion_ids.size) for s in g.samples)

@@ -26,7 +26,10 @@ class ProducerMetrics:
     weight_sync_s: float = 0.0  # duration of the last reload (verification excluded)
     checkpoints_refused: int = 0
     dead_lettered: int = 0
-    reclaimed: int = 0
+    reclaimed: int = 0  # prompts taken over from dead producers (XAUTOCLAIM), never this producer's own
+    # prompts this producer had, found pending for another one (reclaimed while this one was stalled for
+    # longer than claim_idle_ms): dropped if held, generated but not appended if admitted
+    lost_to_reclaim: int = 0
 
 
 class MetricsExporter:

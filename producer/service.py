@@ -2,20 +2,22 @@
 
 Three stages joined by one-slot queues, so that Redis work overlaps the engine call:
 - feed (producer/intake.py): top up the held prompts (own pending after a restart, prompts reclaimed
-  from dead producers, then new ones; at most one engine call's worth), admit them in order under the
-  staleness bound (common/admission.py). A refused prompt is held, never dropped or acked: pacing, not
-  dropping.
-- generate (producer/generate.py): one engine call samples G completions for each admitted prompt.
-- append (producer/append.py): score each completion, XADD one RolloutGroup per prompt, and only then
-  XACK the prompts.
-Background loops follow published checkpoints (producer/weights.py: verify, then load) and write the
-heartbeat (producer/heartbeat.py) with the metrics (producer/metrics.py). SIGTERM drains: no new
-prompts; admitted batches are generated, appended and acked; held prompts stay pending and are
-reclaimed by another producer after ``claim_idle_ms``. The parts are built in producer/assembly.py.
-
-Known trade-off: a prompt held while paced for longer than ``claim_idle_ms`` can be reclaimed by another
-(equally paced) producer; both may then generate it. The group id is the idempotency key, so the
-learner keeps one; only the work is duplicated.
+  from dead producers, then new ones; at most one engine call's worth) while the engine works, and admit
+  them in order under the staleness bound (common/admission.py) once the engine is free: a group is
+  admitted just before its engine call starts, so the learner meets groups in about the order admission
+  predicted (a batch admitted a whole engine call early is overtaken by other producers' groups and goes
+  stale). A refused prompt is held, never dropped or acked: pacing, not dropping.
+- generate (producer/generate.py): one engine call samples G completions for each admitted prompt (or
+  gives up on a prompt: ``PromptFailure``).
+- append (producer/append.py): score each completion, then XADD one RolloutGroup per prompt, XACK the
+  prompts and close their admissions in one atomic step; a failed prompt is dead-lettered and its slot
+  released.
+Background loops follow published checkpoints (producer/weights.py: verify, then load), write the
+heartbeat (producer/heartbeat.py) with the metrics (producer/metrics.py), and keep the pending entries of
+every prompt this producer owns fresh (``Intake.keep_alive``), so that neither it nor another producer
+reclaims a prompt it is working on, however long the engine call. SIGTERM drains: no new prompts; admitted
+batches are generated, appended and acked; held prompts stay pending and are reclaimed by another producer
+after ``claim_idle_ms``. The parts are built in producer/assembly.py.
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ class Producer:
         self.intake = Intake(settings, streams, producer_id, tokenizer, admitter, m)
         limit = settings.producer.max_prompt_tokens  # 0: only the engine's context limit applies
         self.generator = Generator(engine, settings.pipeline.group_size, sampling_from(settings), m, limit)
-        self.appender = Appender(settings, streams, producer_id, tokenizer, engine, m, self.intake.dead)
+        self.appender = Appender(settings, streams, producer_id, tokenizer, engine, m, self.intake)
         self.weights = WeightSync(follower, engine, m)
         self.heartbeat = Heartbeat(streams, keys, producer_id, engine, m, settings.producer.heartbeat_ttl_s)
         self.paced = False
+        self.engine_free = asyncio.Event()  # the generate stage waits for a batch: admit one now
 
     async def run(self) -> ProducerMetrics:
         """feed (read, admit) -> generate -> append (score, XADD, XACK), joined by one-slot queues so that
@@ -92,6 +95,9 @@ class Producer:
                 self._every(self.heartbeat.every_s, lambda: self._beat(exporter)), name="heartbeat"
             ),
             asyncio.create_task(self._every(WEIGHTS_POLL_S, self.weights.sync), name="weights"),
+            asyncio.create_task(
+                self._every(self.intake.keep_alive_every_s, self.intake.keep_alive), name="keep-alive"
+            ),
         ]
         try:
             await _supervise(stages, background, self.finished)
@@ -110,11 +116,13 @@ class Producer:
     # ------------------------------------------------------------------ stages
     async def _feed_stage(self, out: asyncio.Queue) -> None:
         while not (self.stop.is_set() or self.intake.quota_reached):
-            # the previous batch was taken by the engine: prepare the next one during its call
-            await out.join()
-            await self.intake.fill()
+            await self.intake.fill()  # read and prepare the next prompts during the engine call
+            if not self.engine_free.is_set():
+                await _pause(self.engine_free, PACED_POLL_S)
+                continue  # (topping up again meanwhile)
             batch = await self.intake.admit(lambda: self.engine.version)
             if batch:
+                self.engine_free.clear()
                 await out.put(batch)
             if self.intake.held and not batch:
                 await self._paced_wait()
@@ -129,10 +137,12 @@ class Producer:
         self.metrics.paced_s_total += time.monotonic() - t0
 
     async def _generate_stage(self, inq: asyncio.Queue, out: asyncio.Queue) -> None:
+        self.engine_free.set()
         while (batch := await inq.get()) is not None:
             inq.task_done()
             groups, gen_s = await self.generator.generate(batch)
             await out.put((batch, groups, gen_s))
+            self.engine_free.set()
         await out.put(None)
 
     async def _append_stage(self, inq: asyncio.Queue) -> None:
