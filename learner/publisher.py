@@ -76,7 +76,7 @@ class Publisher:
         await self.streams.ack(self.keys.rollouts, LEARNER_GROUP, entry_ids)
 
     # ------------------------------------------------------------------ publishing
-    async def publish(self, step: int, counters: dict, trained_ids: set[str]) -> None:
+    async def publish(self, step: int, counters: dict, trained_ids) -> None:
         """Snapshot ``step`` now (the model must not be training), write + announce + ack in the background."""
         await self.wait()
         t = self.trainer
@@ -87,7 +87,7 @@ class Publisher:
             step=step,
             counters=counters,
             entry_ids=self.unacked,
-            trained_ids=sorted(trained_ids),
+            trained_ids=trained_ids,  # a TrainedIds keeps each id's step
         )
         self.unacked = []
         parent, self.last_published = self.last_published, step

@@ -187,7 +187,7 @@ class Learner:
         self.redis = connect_async(settings.redis)
         self.streams = StreamClient(self.redis, settings.redis.retry_for_s, what="learner")
         step, counters = (state.step, state.counters) if state else (0, {})
-        trained_ids = set(state.trained_ids) if state else set()
+        trained_ids = state.trained_steps if state else {}  # id -> step trained at
         fingerprint = model_fingerprint(model_dir)
         vocab_size = int(trainer.model.get_input_embeddings().num_embeddings)
         self.state = LearnerState(

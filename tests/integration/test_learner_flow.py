@@ -218,6 +218,8 @@ async def test_trained_ids_are_kept_for_a_window_of_steps_and_dedup_inside_it(
         (stable_steps(run_dir / "checkpoints")[-1] / "trainer_state" / "trained_ids.json").read_text()
     )
     assert set(newest["ids"]) == {g for r in rows[-4:] for g in r["groups/ids"]}  # steps 8..11
+    # each id keeps the step it was trained at (a resume forgets them on time, not all at once)
+    assert newest["ids"] == {g: r["step"] for r in rows[-4:] for g in r["groups/ids"]}
 
 
 def test_trained_ids_window_unit():
