@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-trl bench-async bench-staleness bench-e2e clean
+.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-trl bench-async bench-staleness bench-staleness-study bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,9 @@ bench-async: $(STAMP)
 
 bench-staleness: $(STAMP)
 	$(BIN)/python -m bench.staleness_ablation
+
+bench-staleness-study: $(STAMP)
+	$(BIN)/python -m bench.staleness_study --workers 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

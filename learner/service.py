@@ -154,6 +154,7 @@ def _main(settings: Settings, resume: bool | None, fresh: bool = False) -> int:
                 "learner.model (--model) is required when there is no checkpoint to resume from"
             )
         trainer = build_trainer(settings, model_dir, world)
+        trainer.version = max(step, 0)  # the weights' policy version (loss.proximal = "version" keys on it)
         state = ckpt.load_trainer_state(model_dir) if step >= 0 else None
         if state is not None:
             ckpt.restore(trainer.optimizer, trainer.scheduler, state)

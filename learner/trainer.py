@@ -13,6 +13,7 @@ eval mode (no dropout) so the recompute is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -127,6 +128,11 @@ class Trainer:
             self.optimizer, lr_lambda(ls.warmup_steps, ls.schedule, total)
         )
         self.ref_model = ref_model.eval() if ref_model is not None else None
+        # policy version of the current weights (the learner sets it to the step it resumed from); with
+        # loss.proximal = "version" the weights of the last K + 1 versions are kept (detached copies, on the
+        # parameters' device) to recompute each sample's log-probs under the weights that generated it
+        self.version = 0
+        self._snapshots: dict[int, dict[str, Tensor]] = {}
         if ls.kl_coef > 0 and self.ref_model is None:
             raise ValueError("learner.kl_coef > 0 needs a frozen reference model")
 
@@ -138,7 +144,8 @@ class Trainer:
         lengths = batch.loss_lengths
         computed = self._computed(batch, adv)
         mine = [i for i in computed if i % self.world.size == self.world.rank]
-        prox = self._proximal(batch, mine)
+        self._keep_snapshot()
+        prox, missing = self._proximal(batch, mine)
         acc, mine_set = _Accumulator(), set(mine)
         for mb in _split(len(batch), self.settings.learner.n_minibatches):
             # every valid sequence of the mini-batch counts, computed or skipped: the loss is their mean
@@ -158,7 +165,10 @@ class Trainer:
         metrics["tokens/real"] = float(
             sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True))
         )
+        if self.settings.loss.proximal == "version":
+            metrics["proximal/missing_version"] = float(missing)
         metrics["time/train_s"] = time.perf_counter() - t0
+        self.version += 1
         return metrics
 
     def _computed(self, batch: TrainBatch, adv: Tensor) -> list[int]:
@@ -183,27 +193,53 @@ class Trainer:
         longest = max(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx)
         return max(longest, min(ROW_TOKENS, ROW_LONGEST_FACTOR * longest))
 
-    def _proximal(self, batch: TrainBatch, mine: list[int]) -> dict[int, Tensor]:
-        """log π_prox per sequence index; a sequence absent from the dict takes the detached value of its own
-        forward. That is exact for the first mini-batch (no optimizer step has happened yet, so the current
-        parameters are the proximal ones): only the later mini-batches need the no-grad pass."""
-        if self.settings.loss.proximal == "behaviour":
-            return {i: batch.behaviour[i] for i in mine}
+    def _keep_snapshot(self) -> None:
+        """loss.proximal = "version": copy the current weights as version ``self.version``; drop versions no
+        sample can come from any more (older than K before this one: the intake drops staler groups)."""
+        if self.settings.loss.proximal != "version":
+            return
+        oldest = self.version - self.settings.pipeline.max_staleness
+        for v in [v for v in self._snapshots if v < oldest]:
+            del self._snapshots[v]
+        if self.settings.pipeline.max_staleness > 0 and self.version not in self._snapshots:
+            self._snapshots[self.version] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def _proximal(self, batch: TrainBatch, mine: list[int]) -> tuple[dict[int, Tensor], int]:
+        """log π_prox per sequence index, and how many sequences lacked their generating version's weights.
+
+        A sequence absent from the dict takes the detached value of its own forward. With ``recompute`` that
+        is exact for the first mini-batch (no optimizer step has happened yet, so the current parameters are
+        the proximal ones): only the later mini-batches need the no-grad pass. With ``version`` the anchor of
+        a sample of staleness k is the learner's copy of the weights of version ``self.version − k`` (the ones
+        that generated it); k = 0 in the first mini-batch is its own forward again. A version the learner
+        does not hold (the first K steps after a resume) falls back to the weights before this update."""
+        mode = self.settings.loss.proximal
+        if mode == "behaviour":
+            return {i: batch.behaviour[i] for i in mine}, 0
         minibatches = _split(len(batch), self.settings.learner.n_minibatches)
         first = set(minibatches[0]) if minibatches else set()
-        later = [i for i in mine if i not in first]
+        by_version: dict[int, list[int]] = {}
+        for i in mine:
+            k = int(batch.staleness[i]) if mode == "version" else 0
+            if k == 0 and i in first:
+                continue
+            by_version.setdefault(self.version - k, []).append(i)
         out: dict[int, Tensor] = {}
-        if not later:
-            return out
-        for micro in self._micro_batches(batch, later):
-            lps = token_logprobs(
-                self.model,
-                batch.sequences(micro),
-                batch.temperatures[micro].tolist(),
-                max_row_tokens=self._row_tokens(batch, micro),
-            )
-            out.update(zip(micro, lps, strict=True))
-        return out
+        missing = 0
+        for version, idx in sorted(by_version.items()):
+            weights = self._snapshots.get(version) if version != self.version else None
+            if version != self.version and weights is None:
+                missing += len(idx)
+            with _swapped_weights(self.model, weights):
+                for micro in self._micro_batches(batch, idx):
+                    lps = token_logprobs(
+                        self.model,
+                        batch.sequences(micro),
+                        batch.temperatures[micro].tolist(),
+                        max_row_tokens=self._row_tokens(batch, micro),
+                    )
+                    out.update(zip(micro, lps, strict=True))
+        return out, missing
 
     def _micro_step(
         self,
@@ -338,6 +374,24 @@ class _Accumulator:
         self.completion_tokens += res.completion_tokens
         self.real_tokens += res.real_tokens
         self.computed_tokens += res.computed_tokens
+
+
+@contextlib.contextmanager
+def _swapped_weights(model: torch.nn.Module, weights: dict[str, Tensor] | None):
+    """Run the model with ``weights`` (same names and shapes as its parameters) in place of its own, without
+    copying: each parameter's storage is re-pointed and restored on exit. None: the model's own weights."""
+    if weights is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    saved = {n: p.data for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.data = weights[n]
+        yield
+    finally:
+        for n, p in params.items():
+            p.data = saved[n]
 
 
 def _split(n: int, parts: int) -> list[list[int]]:
