@@ -59,6 +59,26 @@ ARMS: dict[str, tuple[dict, str]] = {
         {"loss": {"proximal": "recompute", "clip_stale_scale": 1.0}, "learner": {"n_minibatches": 2}},
         "recompute + band widened by (1 + k)",
     ),
+    "decoupled-band0.5": (
+        {"loss": {"proximal": "recompute", "clip_stale_scale": 0.5}, "learner": {"n_minibatches": 2}},
+        "recompute + band widened by (1 + 0.5k)",
+    ),
+    "decoupled-band2": (
+        {"loss": {"proximal": "recompute", "clip_stale_scale": 2.0}, "learner": {"n_minibatches": 2}},
+        "recompute + band widened by (1 + 2k)",
+    ),
+    "decoupled-decay0.8": (
+        {"loss": {"proximal": "recompute", "is_cap_decay": 0.8}, "learner": {"n_minibatches": 2}},
+        "recompute + IS cap 2·0.8^k",
+    ),
+    "decoupled-seqis": (
+        {"loss": {"proximal": "recompute", "is_level": "sequence"}, "learner": {"n_minibatches": 2}},
+        "recompute + behaviour weight from the full sequence likelihood ratio (product over tokens), capped",
+    ),
+    "decoupled-tis": (
+        {"loss": {"proximal": "recompute", "is_level": "token"}, "learner": {"n_minibatches": 2}},
+        "recompute + one capped behaviour weight per token (TIS)",
+    ),
     "decoupled-decay0.5": (
         {"loss": {"proximal": "recompute", "is_cap_decay": 0.5}, "learner": {"n_minibatches": 2}},
         "recompute + IS cap 2·0.5^k",

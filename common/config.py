@@ -144,6 +144,10 @@ class LossSettings(_Section):
     is_mode: Literal["truncate", "mask", "none"] = Field(
         "truncate", description="behaviour correction of stale data"
     )
+    is_level: Literal["geometric", "sequence", "token"] = Field(
+        "geometric",
+        description="behaviour weight of the GSPO variants: length-normalised sequence ratio, full sequence likelihood ratio, or per token (TIS)",
+    )
     is_cap: float = Field(2.0, ge=1, description="C(0): cap of the behaviour importance weight")
     is_cap_decay: float = Field(1.0, gt=0, le=1, description="C(k) = is_cap · is_cap_decay^k")
     proximal: Literal["recompute", "version", "behaviour"] = Field(

@@ -31,6 +31,9 @@ Tensor = torch.Tensor
 
 VARIANTS = ("gspo", "gspo_token", "grpo")
 IS_MODES = ("truncate", "mask", "none")
+# what the behaviour weight of the GSPO variants measures: the length-normalised (geometric-mean) sequence
+# ratio, the full sequence likelihood ratio (product over tokens), or one ratio per token (TIS)
+IS_LEVELS = ("geometric", "sequence", "token")
 
 # exp(10) ≈ 2.2e4: any log-ratio is clamped here before exp so that no mismatch overflows (docs/objective.md).
 MAX_LOG_RATIO = 10.0
@@ -186,6 +189,7 @@ def policy_loss(
     is_cap: float = 2.0,
     is_cap_decay: float = 1.0,
     loss_denominator: float | None = None,
+    is_level: str = "geometric",
 ) -> PolicyLossOutput:
     """Decoupled, staleness-aware GSPO / GSPO-token / GRPO loss (docs/objective.md).
 
@@ -199,6 +203,10 @@ def policy_loss(
     GRPO:       token ratios exp(log πθ − log π_prox), token weights min(exp(log π_prox − log π_b), C),
                 token-level clip, token-mean per sequence
 
+    ``is_level`` (GSPO variants) chooses ρ_i: "geometric" (default) the length-normalised ratio above,
+    "sequence" the full likelihood ratio exp(Σ_t (log π_prox − log π_b)), "token" one weight per token
+    (TIS: w_i,t = min(ρ_i,t, C), applied to the token form of the surrogate, which has GSPO's value).
+
     loss = Σ_i ℓ_i / D over rows with >= 1 response token, D = their count unless
     ``loss_denominator`` is given (a global count across micro-batches/ranks).
     Masked positions never touch the value or the gradient, whatever they hold (NaN/inf included).
@@ -207,6 +215,7 @@ def policy_loss(
     _check_loss_args(logprobs, proximal_logprobs, behavior_logprobs, advantages, mask, staleness, variant)
     _check_scalars(clip_low, clip_high, clip_stale_scale, loss_denominator)
     _check_choice("is_mode", is_mode, IS_MODES)
+    _check_choice("is_level", is_level, IS_LEVELS)
     _check_cap(is_cap, is_cap_decay)
 
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
@@ -217,7 +226,7 @@ def policy_loss(
     adv = _sanitise_advantages(advantages.detach().to(dtype), mask, valid)  # (B,) or (B, T)
 
     log_s = mean_log_ratio(logp, prox, mask)  # (B,)  log s_i, with grad
-    log_rho = mean_log_ratio(prox, behav, mask)  # (B,)  log ρ_i, no grad
+    log_rho = mean_log_ratio(prox, behav, mask)  # (B,)  log ρ_i, no grad (geometric mean: the metrics)
     lower, upper = clip_band(staleness, clip_low, clip_high, clip_stale_scale, dtype)  # (B,), (B,)
     cap = staleness_cap(staleness, is_cap, is_cap_decay, dtype)  # (B,)
 
@@ -225,8 +234,9 @@ def policy_loss(
         seq_loss, units = _grpo(logp, prox, behav, adv, mask, staleness, lower, upper, cap, is_mode)
     else:
         seq_loss, units = _gspo(
-            log_s, log_rho, logp, adv, mask, staleness, lower, upper, cap, is_mode, variant
-        )
+            log_s, _level_log_rho(log_rho, prox, behav, mask, is_level), logp, adv, mask, staleness,
+            lower, upper, cap, is_mode, variant,
+        )  # fmt: skip
 
     denominator = valid.sum().clamp(min=1) if loss_denominator is None else loss_denominator
     # Summing through where keeps the graph connected to logprobs: an empty batch gives a zero
@@ -250,6 +260,16 @@ def _gspo(
     variant: str,
 ) -> tuple[Tensor, _Units]:
     """Sequence-level weight and band; GSPO (eq. 5-7) or GSPO-token (§4.3).  -> (B,), units (B,)"""
+    if log_rho.dim() == 2:  # is_level = "token": one weight per token, on the token form of the surrogate
+        w_tok, trunc_tok, mask_tok = correction_weights(log_rho, cap[:, None], is_mode)  # (B, T) each
+        token_adv = adv if adv.dim() == 2 else adv[:, None].expand_as(logp)  # (B, T)
+        s_tok = torch.exp(log_s.detach()[:, None] + logp - logp.detach())  # (B, T), value s_i
+        surrogate = clipped_surrogate(s_tok, token_adv, lower[:, None], upper[:, None])  # (B, T)
+        seq_loss = -token_mean(w_tok * surrogate, mask)  # (B,)
+        weight = token_mean(w_tok, mask)  # (B,) for the metrics: mean token weight
+        truncated, masked = (mask & trunc_tok).any(-1), (mask & mask_tok).any(-1)
+        units = _Units(log_s.detach().exp(), lower, upper, weight, truncated, masked, mask.any(-1), staleness)
+        return seq_loss, units
     weight, truncated, masked = correction_weights(log_rho, cap, is_mode)  # (B,) each
     if variant == "gspo":
         seq_loss = -weight * clipped_surrogate(log_s.exp(), adv, lower, upper)  # (B,)
@@ -260,6 +280,15 @@ def _gspo(
         seq_loss = -weight * token_mean(surrogate, mask)  # (B,)
     units = _Units(log_s.detach().exp(), lower, upper, weight, truncated, masked, mask.any(-1), staleness)
     return seq_loss, units
+
+
+def _level_log_rho(log_rho: Tensor, prox: Tensor, behav: Tensor, mask: Tensor, is_level: str) -> Tensor:
+    """log ρ as ``is_level`` measures it: (B,) geometric mean or full sum, or (B, T) per token."""
+    if is_level == "geometric":
+        return log_rho
+    if is_level == "sequence":
+        return torch.where(mask, prox - behav, 0.0).sum(dim=-1).clamp(max=MAX_LOG_RATIO)
+    return torch.where(mask, prox - behav, 0.0).clamp(max=MAX_LOG_RATIO)
 
 
 def _grpo(

@@ -287,6 +287,7 @@ class Trainer:
             is_cap=loss_cfg.is_cap,
             is_cap_decay=loss_cfg.is_cap_decay,
             loss_denominator=float(denominator),
+            is_level=loss_cfg.is_level,
         )
         loss = out.loss
         kl = self._kl_term(batch, idx, temps, logp, mask, denominator) if self.ref_model is not None else None
