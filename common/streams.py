@@ -537,6 +537,14 @@ class StreamClient:
             )
         )
 
+    async def wait_after(self, stream: str, last_id: str, block_ms: int, count: int = 16) -> list[Entry]:
+        """Entries after ``last_id`` (no consumer group), waiting up to ``block_ms`` for one to arrive."""
+
+        async def go():
+            return await self.redis.xread({stream: last_id}, count=count, block=block_ms)
+
+        return self._entries(await self.call(go, f"XREAD {stream}"))
+
     async def latest_entries(self, stream: str, count: int = 1) -> list[Entry]:
         reply = await self.call(lambda: self.redis.xrevrange(stream, count=count), f"XREVRANGE {stream}")
         return [_entry(i, f) for i, f in reply]

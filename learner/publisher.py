@@ -180,9 +180,10 @@ class Publisher:
                 model_fingerprint=self.fingerprint,
             )
         )
-        await self.streams.append(self.keys.checkpoints, msg, CHECKPOINTS_MAXLEN)
+        # latest first: a producer woken by the stream entry then reads the new latest (producer/service.py)
         redis = self.streams.redis
         await self.streams.call(lambda: redis.set(self.keys.latest, msg), "SET latest")
+        await self.streams.append(self.keys.checkpoints, msg, CHECKPOINTS_MAXLEN)
 
     # ------------------------------------------------------------------ resuming
     async def resume(self, step: int, entry_ids: list[str]) -> None:

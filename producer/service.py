@@ -46,8 +46,8 @@ from producer.metrics import MetricsExporter, ProducerMetrics
 from producer.weights import CheckpointFollower, WeightSync
 
 log = logging.getLogger(__name__)
-PACED_POLL_S = 0.1  # how often a paced producer re-asks for admission
-WEIGHTS_POLL_S = 0.5  # how often keys.latest is read (one GET)
+PACED_POLL_S = 0.05  # how often a paced producer re-asks for admission (at once after a weight reload)
+WEIGHTS_POLL_S = 0.5  # keys.latest is read at least this often; an announcement wakes the loop at once
 STOP_GRACE_S = 15.0  # background loops get this long to finish their current Redis call / weight load
 
 
@@ -76,6 +76,7 @@ class Producer:
         self.heartbeat = Heartbeat(streams, keys, producer_id, engine, m, settings.producer.heartbeat_ttl_s)
         self.paced = False
         self.engine_free = asyncio.Event()  # the generate stage waits for a batch: admit one now
+        self.weights_changed = asyncio.Event()  # a reload happened: a paced producer re-asks at once
 
     async def run(self) -> ProducerMetrics:
         """feed (read, admit) -> generate -> append (score, XADD, XACK), joined by one-slot queues so that
@@ -94,7 +95,7 @@ class Producer:
             asyncio.create_task(
                 self._every(self.heartbeat.every_s, lambda: self._beat(exporter)), name="heartbeat"
             ),
-            asyncio.create_task(self._every(WEIGHTS_POLL_S, self.weights.sync), name="weights"),
+            asyncio.create_task(self._follow_weights(), name="weights"),
             asyncio.create_task(
                 self._every(self.intake.keep_alive_every_s, self.intake.keep_alive), name="keep-alive"
             ),
@@ -120,6 +121,7 @@ class Producer:
             if not self.engine_free.is_set():
                 await _pause(self.engine_free, PACED_POLL_S)
                 continue  # (topping up again meanwhile)
+            self.weights_changed.clear()
             batch = await self.intake.admit(lambda: self.engine.version)
             if batch:
                 self.engine_free.clear()
@@ -133,7 +135,8 @@ class Producer:
     async def _paced_wait(self) -> None:
         self.paced = True
         t0 = time.monotonic()
-        await _pause(self.stop, PACED_POLL_S)  # then poll admission again
+        # then ask again: new weights may be admissible at once (with K = 0 every step waits for them)
+        await _pause_any((self.stop, self.weights_changed), PACED_POLL_S)
         self.metrics.paced_s_total += time.monotonic() - t0
 
     async def _generate_stage(self, inq: asyncio.Queue, out: asyncio.Queue) -> None:
@@ -150,6 +153,20 @@ class Producer:
             await self.appender.append(*item)
 
     # ------------------------------------------------------------------ background
+    async def _follow_weights(self) -> None:
+        """Load each checkpoint as soon as it is announced: a blocking XREAD on the checkpoints stream wakes the
+        loop (the learner appends there when it sets keys.latest); keys.latest is read at least every
+        WEIGHTS_POLL_S whatever the stream holds (it may have been trimmed or the announcement lost)."""
+        stream = self.keys.checkpoints
+        newest = await self.streams.latest_entries(stream, 1)
+        last = newest[0].id if newest else "0-0"
+        while not self.finished.is_set():
+            if await self.weights.sync():
+                self.weights_changed.set()
+            entries = await self.streams.wait_after(stream, last, int(WEIGHTS_POLL_S * 1000))
+            if entries:
+                last = entries[-1].id
+
     async def _every(self, seconds: float, step: Callable[[], Awaitable[object]]) -> None:
         while not self.finished.is_set():
             await step()
@@ -204,6 +221,16 @@ async def _pause(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), timeout=seconds)
     except TimeoutError:
         pass  # the normal case: the time is up
+
+
+async def _pause_any(events: tuple[asyncio.Event, ...], seconds: float) -> None:
+    """Sleep ``seconds`` or until one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 # --------------------------------------------------------------------------- entry point

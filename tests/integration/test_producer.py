@@ -269,6 +269,32 @@ async def test_corrupt_checkpoint_is_refused_and_a_good_one_loaded(
             )
 
 
+@pytest.mark.redis
+async def test_an_announcement_wakes_the_weight_follower_at_once(
+    redis_url, run_id, aredis, tiny_model_dir, tmp_path, monkeypatch
+):
+    """With keys.latest read only every 60 s, a new checkpoint is still loaded within seconds: the
+    announcement on the checkpoints stream wakes the follower (K = 0 waits for every reload)."""
+    import producer.service as service
+
+    monkeypatch.setattr(service, "WEIGHTS_POLL_S", 60.0)
+    keys = RunKeys(run_id)
+    streams = StreamClient(aredis)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(make_settings(redis_url, run_id, tmp_path, tiny_model_dir), stop))
+    try:
+        await wait_for(lambda: _state_is_version(aredis, run_id, 0))
+        await asyncio.sleep(1.0)  # the follower has read latest (none) and blocks on the stream
+        good = write_step_dir(tmp_path / "ckpt", 3, tiny_model_dir, perturb=0.05, seed=3)
+        t0 = time.monotonic()
+        await announce(streams, keys, good)
+        await wait_for(lambda: _state_is_version(aredis, run_id, 3), timeout_s=30)
+        assert time.monotonic() - t0 < 20  # polling alone would take up to 60 s
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 90)
+
+
 async def _groups_at_least(aredis, run_id, n) -> bool:
     return await aredis.xlen(RunKeys(run_id).rollouts) >= n
 

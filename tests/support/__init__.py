@@ -47,7 +47,7 @@ def write_step_dir(root: Path, step: int, model_dir: Path, *, perturb: float = 0
 
 
 async def announce(streams: StreamClient, keys: RunKeys, step_dir: Path) -> CheckpointAnnouncement:
-    """XADD the announcement to keys.checkpoints and SET keys.latest, as the learner does."""
+    """SET keys.latest and XADD the announcement to keys.checkpoints, as the learner does (in that order)."""
     manifest, digest = read_manifest(step_dir)
     ann = CheckpointAnnouncement(
         step=manifest.step,
@@ -56,6 +56,6 @@ async def announce(streams: StreamClient, keys: RunKeys, step_dir: Path) -> Chec
         manifest_sha256=digest,
         model_fingerprint=manifest.model_fingerprint,
     )
-    await streams.append(keys.checkpoints, encode(ann), maxlen=1000)
     await streams.redis.set(keys.latest, encode(ann))
+    await streams.append(keys.checkpoints, encode(ann), maxlen=1000)
     return ann
