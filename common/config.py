@@ -151,7 +151,7 @@ class LossSettings(_Section):
     is_cap: float = Field(2.0, ge=1, description="C(0): cap of the behaviour importance weight")
     is_cap_decay: float = Field(1.0, gt=0, le=1, description="C(k) = is_cap · is_cap_decay^k")
     proximal: Literal["recompute", "version", "behaviour"] = Field(
-        "recompute",
+        "version",
         description="anchor of the ratio: the learner's weights before this update (recompute), the learner's own copy of the weights that generated each sample (version), or the engine's log-probs (behaviour)",
     )
 

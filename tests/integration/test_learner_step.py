@@ -184,14 +184,18 @@ def test_first_minibatch_takes_its_proximal_values_from_its_own_forward(tiny_mod
     class AllFromAPass(Trainer):
         def _proximal(self, batch, mine):
             lps = token_logprobs(self.model, batch.sequences(mine), batch.temperatures[mine].tolist())
-            return dict(zip(mine, lps, strict=True))
+            return dict(zip(mine, lps, strict=True)), 0
 
     torch.manual_seed(0)
     batch = build_batch(hand_groups(load_model(tiny_model_dir), n_groups=4))
     fast_model, ref_model = load_model(tiny_model_dir), load_model(tiny_model_dir)
-    fast = Trainer(fast_model, settings(n_minibatches=2)).train_step(batch)
-    ref = AllFromAPass(ref_model, settings(n_minibatches=2)).train_step(batch)
+    s = settings(n_minibatches=2)
+    s.loss = s.loss.model_copy(update={"proximal": "recompute"})  # the anchor this shortcut is about
+    fast = Trainer(fast_model, s).train_step(batch)
+    ref = AllFromAPass(ref_model, s).train_step(batch)
     for key in ("loss", "gspo/clip_frac", "gspo/seq_ratio_min", "gspo/seq_ratio_max", "is/weight_mean"):
-        assert fast[key] == pytest.approx(ref[key], abs=1e-5), key
+        # the grad and no-grad passes sum in other orders (chunked LM head): float noise, amplified by one
+        # lr 1e-2 Adam step in the second mini-batch's ratios
+        assert fast[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-5), key
     for (name, a), b in zip(fast_model.named_parameters(), ref_model.parameters(), strict=True):
         assert (a - b).norm() <= 1e-3 * a.norm(), name
