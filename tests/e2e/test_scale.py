@@ -3,6 +3,10 @@ learner runs; metrics show training continued and nothing was lost or trained tw
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+
 import pytest
 import redis
 
@@ -22,6 +26,15 @@ MAX_STEPS = 60  # well past the scale-down at step >= 16, so training after it i
 def _step(run_dir) -> int:
     rows = read_metrics(run_dir / "metrics.jsonl")
     return rows[-1]["step"] if rows else 0
+
+
+@contextlib.contextmanager
+def _paused(pid: int):
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _live_producers(client: redis.Redis, keys: RunKeys) -> int:
@@ -45,15 +58,19 @@ def test_scale_producers_2_to_3_to_1_while_learning(redis_url, run_id, tiny_mode
         cluster.scale_producers(2)
         assert wait_until(lambda: _step(tmp_path) >= 6, 120), "no training with 2 producers"
         seen_live.append(_live_producers(client, keys))
-        cluster.scale_producers(3)
-        assert wait_until(lambda: _live_producers(client, keys) == 3, 60), "third producer never joined"
+        # the learner is paused (SIGSTOP) while producers join and leave: a fast machine would otherwise
+        # reach max_steps before a slow producer start-up is over, and nothing would be seen after the change
+        with _paused(cluster.learner.proc.pid):
+            cluster.scale_producers(3)
+            assert wait_until(lambda: _live_producers(client, keys) == 3, 60), "third producer never joined"
         assert wait_until(lambda: _step(tmp_path) >= 16, 120), "training stalled after scaling to 3"
         seen_live.append(_live_producers(client, keys))
-        removed_at = _step(tmp_path)
-        cluster.scale_producers(1)  # two graceful SIGTERM drains
-        assert wait_until(lambda: _live_producers(client, keys) == 1, 30), (
-            "drained producers did not deregister"
-        )
+        with _paused(cluster.learner.proc.pid):
+            removed_at = _step(tmp_path)
+            cluster.scale_producers(1)  # two graceful SIGTERM drains
+            assert wait_until(lambda: _live_producers(client, keys) == 1, 30), (
+                "drained producers did not deregister"
+            )
         seen_live.append(1)
         assert wait_until(lambda: not cluster.learner.alive, 240), (
             "learner did not reach max_steps with 1 producer"
