@@ -97,7 +97,8 @@ class PipelineSettings(_Section):
 class ProducerSettings(_Section):
     engine: Literal["transformers", "sglang"] = Field("transformers", description="inference engine")
     model: str = Field(
-        "", description="HF model directory the engine starts from (default: the run's base model)"
+        "",
+        description="HF model directory or hub id (local cache only) the engine starts from (default: the run's base model)",
     )
     sglang_url: str = Field("http://127.0.0.1:30000", description="SGLang server base URL (engine=sglang)")
     sglang_timeout_s: float = Field(600.0, gt=0, description="HTTP timeout of one /generate call")
@@ -116,6 +117,11 @@ class ProducerSettings(_Section):
     device: str = Field("cpu", description="torch device of the transformers engine")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="transformers engine dtype"
+    )
+    attn_implementation: str = Field(
+        "sdpa",
+        pattern=r"^[A-Za-z0-9_./:-]+$",
+        description="transformers engine attention (sdpa, eager, flash_attention_2, ...); the decode loop needs sdpa or eager",
     )
     seed: int = Field(0, ge=0, description="sampling seed (mixed with producer id)")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
@@ -156,8 +162,41 @@ class LossSettings(_Section):
     )
 
 
+class LoraSettings(_Section):
+    r: int = Field(
+        0, ge=0, le=4096, description="LoRA rank; 0 = full fine-tuning (LoRA needs the 'lora' extra: peft)"
+    )
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="LoRA dropout (training forward only; the proximal pass then covers every mini-batch)",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="module names (or suffixes) that get adapters; ['all-linear'] = every linear layer but the LM head",
+    )
+
+
 class LearnerSettings(_Section):
-    model: str = Field("", description="HF model directory to start from (ignored on resume)")
+    model: str = Field(
+        "",
+        description="HF model directory or hub id (local cache only) to start from (a LoRA run's base, also on resume)",
+    )
+    attn_implementation: str = Field(
+        "sdpa", pattern=r"^[A-Za-z0-9_./:-]+$", description="attention (sdpa, eager, flash_attention_2, ...)"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="compute precision: bf16 = autocast to bfloat16, with fp32 master weights, gradients and AdamW state",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward instead of keeping them",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     lr: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -185,7 +224,13 @@ class LearnerSettings(_Section):
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run until stopped)")
     publish_every: int = Field(1, ge=1, description="publish a checkpoint every N steps")
     keep_checkpoints: int = Field(3, ge=1, description="published checkpoints kept on disk")
-    checkpoint_dir: str = Field("", description="checkpoint root (default: RUN_DIR/checkpoints)")
+    checkpoint_dir: str = Field(
+        "", description="root of the published checkpoints producers load (default: RUN_DIR/checkpoints)"
+    )
+    state_dir: str = Field(
+        "",
+        description="learner-private root of the optimizer, scheduler, RNG, counters and LoRA adapters of each step (default: RUN_DIR/learner-state)",
+    )
     checkpoint_url: str = Field(
         "",
         description="fsspec URL (s3://bucket/prefix, gs://..., file:///shared/...) to upload published checkpoints to; producers download from it; '' = announce the local path",

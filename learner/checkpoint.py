@@ -1,17 +1,22 @@
 """Publishing and restoring learner checkpoints (docs/architecture.md, "Checkpoints"), never with pickle.
 
-Layout of ``<root>/step_XXXXXXXX/``: HF files (``save_pretrained`` safetensors, config, generation
-config, tokenizer), ``trainer_state/`` and ``manifest.json``, then ``STABLE`` written last.
+A step is two directories, each with a ``manifest.json`` (sha256 of every other file) and ``STABLE`` written last:
 
-``trainer_state/``:
+- the published ``<root>/step_XXXXXXXX/``, all that producers download and load: HF files (``save_pretrained``
+  safetensors, config, generation config, tokenizer); with LoRA the merged full weights (learner/lora.py);
+- the learner-private ``<state root>/step_XXXXXXXX/`` (``learner.state_dir``), written and made STABLE first, so
+  a STABLE published step always has its state. Its files:
 - ``tensors.safetensors``: every tensor of the optimizer and scheduler states and the RNG states;
 - ``state.json``: the non-tensor structure, with ``{"__tensor__": name}`` where a tensor was, plus
   step, version, consumed, prompt cursor and the entry ids consumed since the previous checkpoint;
 - ``trained_ids.json``: the group ids trained in the last window of steps (``learner/intake.py``,
   ``TrainedIds``) with the step each was trained at, ``{"format": 2, "ids": {group_id: step}}`` (drops
-  duplicates after a resume); a plain list (the first format) is read as ids trained at the checkpoint's step.
-The loader opens exactly these three names, with safetensors and json: a pickle planted anywhere
-in the directory is never read.
+  duplicates after a resume); a plain list (the first format) is read as ids trained at the checkpoint's step;
+- with LoRA, ``adapter.safetensors`` (the adapter tensors) and ``adapter.json`` (their configuration and the
+  base model's weight digest).
+The loader opens exactly these names, with safetensors and json: a pickle planted anywhere in the directory is
+never read. Steps of the earlier layout, whose state is the ``trainer_state/`` subdirectory of the published step,
+still resume (the same files); new steps are written in this layout.
 
 The loop thread takes a :class:`Snapshot` (CPU clones of the weights and the optimizer state),
 then the write runs on a background thread while the next step trains.
@@ -38,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from common.manifest import (
     MANIFEST,
     STABLE,
+    STEP_PREFIX,
     CheckpointError,
     Manifest,
     hash_tree,
@@ -45,11 +51,13 @@ from common.manifest import (
     step_dir_name,
     verify_checkpoint,
 )
+from learner.lora import adapter_state_dict, is_lora, merged_state_dict
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
-STATE_DIR = "trainer_state"
+STATE_DIR = "trainer_state"  # the earlier layout: the trainer state inside the published step
 TENSORS_FILE, STATE_FILE, IDS_FILE = "tensors.safetensors", "state.json", "trained_ids.json"
+ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
 IDS_FORMAT = 2  # trained_ids.json: {"format": 2, "ids": {group_id: step}}; format 1 was a plain list
 CRASH_ENV = "LEARNER_TEST_CRASH_AT"
 FAULT_ENV = "LEARNER_TEST_FAULT"
@@ -113,6 +121,8 @@ class Snapshot:
     entry_ids: list[str]  # rollout entries consumed since the previous checkpoint (acked once this is STABLE)
     trained_ids: dict[str, int]  # group id -> step trained at (ids given without a step: this step)
     created_at: float = field(default_factory=time.time)
+    adapter: dict[str, torch.Tensor] | None = None  # LoRA: the adapter tensors (model_state is then merged)
+    lora: dict | None = None  # LoRA: configuration and base model digest (learner/lora.py)
 
 
 def _clone(obj: Any) -> Any:
@@ -144,12 +154,21 @@ def trained_steps(trained_ids: Mapping[str, int] | Iterable[str], step: int) -> 
 
 
 def take_snapshot(model, optimizer, scheduler, *, step: int, counters: dict, entry_ids: list[str],
-                  trained_ids: Mapping[str, int] | Iterable[str]) -> Snapshot:  # fmt: skip
-    """CPU copies of everything a checkpoint holds (fast; the loop thread then moves on)."""
+                  trained_ids: Mapping[str, int] | Iterable[str], lora: dict | None = None) -> Snapshot:  # fmt: skip
+    """CPU copies of everything a checkpoint holds (fast; the loop thread then moves on). A model with LoRA
+    adapters is published merged; its adapters (and ``lora``, their configuration) go to the private state."""
+    adapted = is_lora(model)
+    if adapted and lora is None:
+        raise ValueError("a LoRA model's snapshot needs its configuration (Trainer.lora_meta)")
+    if adapted:
+        model_state = merged_state_dict(model)
+    else:
+        model_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return Snapshot(
-        step=step, version=step, model_state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        step=step, version=step, model_state=model_state,
         optimizer=_clone(optimizer.state_dict()), scheduler=_clone(scheduler.state_dict()), rng=_clone(rng_state()),
         counters=dict(counters), entry_ids=list(entry_ids), trained_ids=trained_steps(trained_ids, step),
+        adapter=adapter_state_dict(model) if adapted else None, lora=dict(lora) if adapted else None,
     )  # fmt: skip
 
 
@@ -186,39 +205,38 @@ def write_trainer_state(dest: Path, snap: Snapshot) -> None:
     }
     (dest / STATE_FILE).write_text(json.dumps(state))
     (dest / IDS_FILE).write_text(json.dumps({"format": IDS_FORMAT, "ids": snap.trained_ids}))
+    if snap.adapter is not None:
+        save_file({k: v.contiguous() for k, v in snap.adapter.items()}, str(dest / ADAPTER_FILE))
+        (dest / ADAPTER_META).write_text(json.dumps(snap.lora))
 
 
-def write_checkpoint(
-    root: Path, snap: Snapshot, model, tokenizer, fingerprint: str, parent: int | None
-) -> tuple[Path, str]:
-    """Write ``step_XXXXXXXX`` atomically: temp dir, fsync, rename, STABLE. Returns (dir, manifest sha256).
+def write_checkpoint(root: Path, snap: Snapshot, model, tokenizer, fingerprint: str, parent: int | None, *,
+                     state_root: Path) -> tuple[Path, str]:  # fmt: skip
+    """Write ``state_root/step_XXXXXXXX`` then ``root/step_XXXXXXXX`` atomically (temp dir, fsync, rename, STABLE
+    each). Returns (published dir, sha256 of its manifest).
 
-    On an OSError (disk full, I/O error) the partial temp dir (or the renamed, never-STABLE dir) is removed
-    before the error propagates: nothing half-written is left for a reader or a resume to trip on."""
+    On an OSError (disk full, I/O error) the partial temp dirs, the renamed but never-STABLE published dir and the
+    private state of this step are removed before the error propagates: nothing half-written is left for a reader
+    or a resume to trip on."""
     root.mkdir(parents=True, exist_ok=True)
+    state_root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(snap.step)
     tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    state_tmp, state_final = state_root / f"{TMP_PREFIX}{name}", state_root / name
     try:
-        return _write_checkpoint(root, tmp, final, snap, model, tokenizer, fingerprint, parent)
+        return _write_checkpoint(
+            root, tmp, final, state_tmp, state_final, snap, model, tokenizer, fingerprint, parent
+        )
     except OSError:
-        for d in (tmp, final):
-            if d.is_dir() and not (d / STABLE).exists():
+        published = (final / STABLE).exists()
+        for d in (tmp, state_tmp) if published else (tmp, state_tmp, final, state_final):
+            if d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
         raise
 
 
-def _write_checkpoint(root: Path, tmp: Path, final: Path, snap: Snapshot, model, tokenizer, fingerprint: str,
-                      parent: int | None) -> tuple[Path, str]:  # fmt: skip
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=snap.model_state, safe_serialization=True)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    maybe_crash("checkpoint_write", snap.step)
-    maybe_fault("enospc_at_publish", snap.step)
-    write_trainer_state(tmp / STATE_DIR, snap)
+def _seal(tmp: Path, final: Path, snap: Snapshot, fingerprint: str, parent: int | None) -> str:
+    """manifest, fsync, rename ``tmp`` to ``final``; returns the manifest's sha256 (STABLE is the caller's)."""
     manifest = Manifest(step=snap.step, version=snap.version, parent=parent, model_fingerprint=fingerprint,
                         files=hash_tree(tmp), created_at=time.time())  # fmt: skip
     raw = manifest.to_json()
@@ -227,30 +245,62 @@ def _write_checkpoint(root: Path, tmp: Path, final: Path, snap: Snapshot, model,
     if final.exists():  # an unfinished (never STABLE) or superseded dir of the same step from a crashed run
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_path(root)
-    maybe_crash("before_stable", snap.step)
+    _fsync_path(final.parent)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _mark_stable(final: Path) -> None:
     (final / STABLE).write_bytes(b"")
     _fsync_path(final / STABLE)
     _fsync_path(final)
-    return final, hashlib.sha256(raw).hexdigest()
 
 
-def remove_stale_tmp(root: Path) -> int:
+def _write_checkpoint(root: Path, tmp: Path, final: Path, state_tmp: Path, state_final: Path, snap: Snapshot, model,
+                      tokenizer, fingerprint: str, parent: int | None) -> tuple[Path, str]:  # fmt: skip
+    # leftovers of a crashed run; a published dir of the same step (never resumed from) goes first, so that it
+    # cannot pair with the new state if this write stops half-way
+    for d in (tmp, state_tmp, final):
+        if d.exists():
+            shutil.rmtree(d)
+    model.save_pretrained(tmp, state_dict=snap.model_state, safe_serialization=True)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    maybe_crash("checkpoint_write", snap.step)
+    maybe_fault("enospc_at_publish", snap.step)
+    write_trainer_state(state_tmp, snap)
+    _seal(state_tmp, state_final, snap, fingerprint, parent)
+    _mark_stable(state_final)  # the private state first: a STABLE published step always has its state
+    digest = _seal(tmp, final, snap, fingerprint, parent)
+    maybe_crash("before_stable", snap.step)
+    _mark_stable(final)
+    return final, digest
+
+
+def remove_stale_tmp(*roots: Path) -> int:
     n = 0
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.is_dir():
-                shutil.rmtree(p)
-                n += 1
+    for root in roots:
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                    shutil.rmtree(p)
+                    n += 1
     return n
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` STABLE step dirs (the newest one is always kept)."""
+def prune(root: Path, keep: int, state_root: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` STABLE published step dirs (the newest one is always kept), and the
+    private state of every step older than the oldest kept one. Returns the published dirs deleted."""
     steps = stable_steps(root)
     doomed = steps[: max(0, len(steps) - max(1, keep))]
     for p in doomed:
         shutil.rmtree(p)
+    if state_root is not None and state_root.is_dir() and steps:
+        oldest_kept = steps[len(doomed)].name
+        for p in state_root.iterdir():
+            if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name < oldest_kept:
+                shutil.rmtree(p)
     return doomed
 
 
@@ -266,6 +316,9 @@ class TrainerState:
     scheduler: dict
     rng: dict[str, torch.Tensor]
     trained_steps: dict[str, int] = field(default_factory=dict)  # trained_ids with the step of each
+    adapter: dict[str, torch.Tensor] | None = None  # LoRA adapter tensors
+    lora: dict | None = None  # LoRA configuration and base model digest
+    where: str = ""  # the directory read
 
 
 def _read_trained(raw: Any, step: int) -> dict[str, int]:
@@ -277,20 +330,39 @@ def _read_trained(raw: Any, step: int) -> dict[str, int]:
     raise ValueError(f"{IDS_FILE}: neither a list of ids nor {{'format': {IDS_FORMAT}, 'ids': {{...}}}}")
 
 
-def load_trainer_state(step_dir: Path) -> TrainerState:
-    """Read trainer_state/ with safetensors + json only (no other file is opened)."""
-    d = Path(step_dir) / STATE_DIR
+def state_dir_for(step_dir: Path, state_root: Path) -> Path:
+    """Where the trainer state of published ``step_dir`` lies: its verified private dir under ``state_root``, or
+    (earlier layout) the ``trainer_state/`` inside the step, covered by the step's own manifest.
+    :class:`CheckpointError` when there is neither."""
+    private = Path(state_root) / Path(step_dir).name
+    if private.is_dir():
+        verify_checkpoint(private)
+        return private
+    earlier = Path(step_dir) / STATE_DIR
+    if earlier.is_dir():
+        return earlier
+    raise CheckpointError(
+        f"checkpoint {step_dir} has no trainer state ({private} is missing: is learner.state_dir the run's?)"
+    )
+
+
+def load_trainer_state(step_dir: Path, state_root: Path) -> TrainerState:
+    """Read the trainer state of a published step (:func:`state_dir_for`) with safetensors + json only (no other
+    file is opened)."""
+    d = state_dir_for(step_dir, state_root)
     try:
         tensors = load_file(str(d / TENSORS_FILE))
         state = json.loads((d / STATE_FILE).read_text())
         trained = _read_trained(json.loads((d / IDS_FILE).read_text()), int(state["step"]))
+        adapter = load_file(str(d / ADAPTER_FILE)) if (d / ADAPTER_FILE).exists() else None
+        lora = json.loads((d / ADAPTER_META).read_text()) if adapter is not None else None
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CheckpointError(f"{d}: unreadable trainer state ({type(e).__name__}: {e})") from None
     return TrainerState(
         step=int(state["step"]), version=int(state["version"]), counters=dict(state["counters"]),
         entry_ids=[str(x) for x in state["entry_ids"]], trained_ids=list(trained),
         optimizer=unflatten(state["optimizer"], tensors), scheduler=unflatten(state["scheduler"], tensors),
-        rng=unflatten(state["rng"], tensors), trained_steps=trained,
+        rng=unflatten(state["rng"], tensors), trained_steps=trained, adapter=adapter, lora=lora, where=str(d),
     )  # fmt: skip
 
 
@@ -304,11 +376,13 @@ def restore(optimizer, scheduler, state: TrainerState) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def newest_verified(root: Path) -> Path | None:
-    """The newest STABLE step dir whose manifest verifies (older ones are tried if it does not)."""
+def newest_verified(root: Path, state_root: Path) -> Path | None:
+    """The newest STABLE published step dir that verifies and whose trainer state verifies (older ones are tried
+    if it does not)."""
     for p in reversed(stable_steps(root)):
         try:
             verify_checkpoint(p)
+            state_dir_for(p, state_root)
             return p
         except CheckpointError as e:
             log.warning("skipping checkpoint %s: %s", p, e)

@@ -21,6 +21,7 @@ from common.store import CheckpointUploadError, prune_remote, upload_step
 from common.streams import StreamClient
 from common.wire import CheckpointAnnouncement, decode, encode
 from learner import checkpoint as ckpt
+from learner import reuse
 from learner.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ class Publisher:
         fingerprint: str,
         last_published: int | None,
         retry_every_s: float = RETRY_EVERY_S,
+        state_root: Path | None = None,
     ):
         self.s, self.streams, self.keys, self.root = settings, streams, keys, root
+        # the learner-private trainer state of each step (default: RUN_DIR/learner-state)
+        self.state_root = state_root if state_root is not None else reuse.state_root(settings)
         self.trainer, self.tokenizer, self.fingerprint = trainer, tokenizer, fingerprint
         self.retry_every_s = retry_every_s
         self.unacked: list[str] = []  # entries taken by trained steps that no STABLE checkpoint covers yet
@@ -88,6 +92,7 @@ class Publisher:
             counters=counters,
             entry_ids=self.unacked,
             trained_ids=trained_ids,  # a TrainedIds keeps each id's step
+            lora=t.lora_meta,
         )
         self.unacked = []
         parent, self.last_published = self.last_published, step
@@ -117,7 +122,9 @@ class Publisher:
         try:
             model, tokenizer = self.trainer.model, self.tokenizer
             path, digest = await asyncio.to_thread(
-                ckpt.write_checkpoint, self.root, snap, model, tokenizer, self.fingerprint, parent
+                lambda: ckpt.write_checkpoint(
+                    self.root, snap, model, tokenizer, self.fingerprint, parent, state_root=self.state_root
+                )
             )
         except OSError as e:
             self._failed(snap, parent, e)
@@ -134,7 +141,9 @@ class Publisher:
         await self._ack_stable(snap.step, snap.entry_ids)
         ckpt.maybe_crash("after_ack", snap.step)
         await self.trim()
-        for p in await asyncio.to_thread(ckpt.prune, self.root, self.s.learner.keep_checkpoints):
+        for p in await asyncio.to_thread(
+            ckpt.prune, self.root, self.s.learner.keep_checkpoints, self.state_root
+        ):
             log.debug("pruned %s", p)
         log.info("published step %d in %.2fs: %s", snap.step, self.publish_s, path)
 

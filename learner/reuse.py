@@ -1,7 +1,7 @@
 """What a run leaves behind, for a learner that starts over on it (torch-free: ``gspo up`` uses it too).
 
-A run's state is its Redis keys (``gspo:{run}:*``, common/keys.py), its checkpoint directories and its metrics
-files. Starting a new learner at step 0 on top of them mixes two runs: the old ``admitted`` count makes
+A run's state is its Redis keys (``gspo:{run}:*``, common/keys.py), its checkpoint directories (published and
+learner-private) and its metrics files. Starting a new learner at step 0 on top of them mixes two runs: the old ``admitted`` count makes
 admission refuse every producer (deadlock), the old ``latest`` announcement keeps producers on the old
 weights (the new run's versions are lower, so they never load them), pruning keeps the old run's higher
 step numbers and deletes the new run's, and the old feeder cursor and trained ids collide with the new ones.
@@ -10,7 +10,8 @@ step numbers and deletes the new run's, and the old feeder cursor and trained id
   ``latest``, the checkpoints stream, the prompt cursor); keys that producers or ``gspo prompts load`` create
   for a run that has not trained yet (prompts, admissions, rollouts, heartbeats) alone do not make a run used.
 - :func:`wipe` deletes all of it: every ``gspo:{run}:*`` key, the step directories under the checkpoint root
-  (and under ``learner.checkpoint_url``), ``metrics.jsonl`` and the producers' ``metrics/*.jsonl``.
+  (and under ``learner.checkpoint_url``) and the learner's private state root, ``metrics.jsonl`` and the
+  producers' ``metrics/*.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def checkpoint_root(settings: Settings) -> Path:
     return Path(settings.learner.checkpoint_dir or Path(settings.run_dir) / "checkpoints")
 
 
+def state_root(settings: Settings) -> Path:
+    """The learner-private trainer state of each step (learner/checkpoint.py)."""
+    return Path(settings.learner.state_dir or Path(settings.run_dir) / "learner-state")
+
+
 def _step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -46,8 +52,10 @@ class RunState:
 
     run: str
     root: Path
+    state_root: Path | None = None
     checkpoints: list[str] = field(default_factory=list)  # STABLE step dir names, oldest first
     other_dirs: int = 0  # step dirs that never became STABLE, temp dirs
+    state_dirs: int = 0  # learner-private trainer state dirs (learner.state_dir)
     keys: dict[str, str] = field(default_factory=dict)  # key -> short description, the named keys only
     key_count: int = 0  # every gspo:{run}:* key (admission markers and heartbeats included)
     learner_keys: list[str] = field(default_factory=list)  # the keys only a learner writes
@@ -56,7 +64,7 @@ class RunState:
     @property
     def used(self) -> bool:
         """A learner has run here: it left checkpoints or its own keys."""
-        return bool(self.checkpoints or self.other_dirs or self.learner_keys)
+        return bool(self.checkpoints or self.other_dirs or self.state_dirs or self.learner_keys)
 
     def describe(self) -> str:
         parts = []
@@ -66,6 +74,8 @@ class RunState:
             )
         if self.other_dirs:
             parts.append(f"{self.other_dirs} unfinished checkpoint dir(s) under {self.root}")
+        if self.state_dirs and not self.checkpoints:
+            parts.append(f"{self.state_dirs} trainer state dir(s) under {self.state_root}")
         if self.key_count:
             named = ", ".join(f"{k} ({v})" if v else k for k, v in self.keys.items())
             others = self.key_count - len(self.keys)
@@ -94,9 +104,10 @@ def find_used(settings: Settings) -> RunState:
     """The run's checkpoints and Redis keys (see the module docstring); reads only."""
     keys = RunKeys(settings.run)
     root = checkpoint_root(settings)
-    state = RunState(settings.run, root)
+    state = RunState(settings.run, root, state_root(settings))
     state.checkpoints = [p.name for p in stable_steps(root)]
     state.other_dirs = len(_step_dirs(root)) - len(state.checkpoints)
+    state.state_dirs = len(_step_dirs(state_root(settings)))
     named = [
         keys.learner_state,
         keys.latest,
@@ -150,7 +161,7 @@ def wipe(settings: Settings) -> str:
         client.close()
     root = checkpoint_root(settings)
     dirs = _step_dirs(root)
-    for d in dirs:
+    for d in [*dirs, *_step_dirs(state_root(settings))]:
         shutil.rmtree(d)
     remote = _wipe_remote(settings.learner.checkpoint_url)
     run_dir = Path(settings.run_dir)

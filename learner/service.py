@@ -48,11 +48,12 @@ from learner.distributed import (
 )
 from learner.feeder import PromptFeeder
 from learner.intake import Intake, TakenBatch
+from learner.lora import LoraError
 from learner.metrics import MetricsWriter
 from learner.publisher import Publisher
 from learner.state import LearnerState
 from learner.trainer import Trainer
-from modeling import ModelLoadError, load_model, load_tokenizer
+from modeling import ModelLoadError, load_model, load_tokenizer, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ class LearnerError(RuntimeError):
 
 
 def ckpt_root(settings: Settings) -> Path:
-    return Path(settings.learner.checkpoint_dir or Path(settings.run_dir) / "checkpoints")
+    return reuse.checkpoint_root(settings)
+
+
+def state_root(settings: Settings) -> Path:
+    return reuse.state_root(settings)
 
 
 def _device() -> str:
@@ -94,7 +99,7 @@ def _resume_dir(settings: Settings, resume: bool | None, fresh: bool = False) ->
                 f"it and start over"
             )
         return None
-    found = ckpt.newest_verified(root)
+    found = ckpt.newest_verified(root, state_root(settings))
     if found is None and resume is True:
         raise LearnerError(f"--resume: no verified STABLE checkpoint under {root}")
     if found is None:
@@ -109,18 +114,49 @@ def _resume_dir(settings: Settings, resume: bool | None, fresh: bool = False) ->
     return found
 
 
-def build_trainer(settings: Settings, model_dir: Path, world: World) -> Trainer:
-    model = load_model(model_dir, device=_device())
-    ref = load_model(settings.learner.model, device=_device()) if settings.learner.kl_coef > 0 else None
-    if ref is not None:
+def build_trainer(
+    settings: Settings, model_dir: Path, world: World, state: ckpt.TrainerState | None = None
+) -> Trainer:
+    """The trainer on the weights of ``model_dir`` (the base model, or the published step resumed from), with the
+    optimizer, scheduler and RNG of ``state``. A LoRA run always starts from ``learner.model`` (its base) and
+    takes its adapters from ``state``: published weights are merged and cannot be split again."""
+    ls = settings.learner
+    lora = ls.lora.r > 0
+    if state is not None and lora != (state.lora is not None):
+        had = f"LoRA adapters (learner.lora = {state.lora['spec']})" if state.lora else "no LoRA adapters"
+        raise LearnerError(
+            f"checkpoint {model_dir} has {had}, but learner.lora.r = {ls.lora.r}: resume with the run's settings, "
+            f"or start a new run (--fresh)"
+        )
+    if lora and not ls.model:
+        raise LearnerError("learner.lora needs learner.model (--model): the base model, also when resuming")
+    device = _device()
+    model = load_model(
+        ls.model if lora else model_dir, device=device, attn_implementation=ls.attn_implementation
+    )
+    ref = None
+    if ls.kl_coef > 0:
+        ref = load_model(ls.model, device=device, attn_implementation=ls.attn_implementation)
         ref.requires_grad_(False)
     pad = getattr(model.config, "pad_token_id", None)
-    return Trainer(model, settings, world, ref_model=ref, pad_id=int(pad) if pad is not None else 0)
+    trainer = Trainer(model, settings, world, ref_model=ref, pad_id=int(pad) if pad is not None else 0)
+    if lora:
+        from learner import lora as adapters
+
+        digest = adapters.base_weights_digest(ls.model)
+        trainer.lora_meta = {"spec": adapters.spec(ls.lora), "base_model": ls.model, "base_sha256": digest}
+        if state is not None:
+            adapters.check_resume(state.lora, trainer.lora_meta, state.where)
+            adapters.load_adapter_state(trainer.model, state.adapter, state.where)
+    if state is not None:
+        ckpt.restore(trainer.optimizer, trainer.scheduler, state)
+    return trainer
 
 
 # set-up problems and a Redis outage longer than redis.retry_for_s: one error line, exit 2 (no traceback)
 STATED_FAILURES = (
     LearnerError,
+    LoraError,
     ModelLoadError,
     FingerprintError,
     CheckpointError,
@@ -148,16 +184,18 @@ def _main(settings: Settings, resume: bool | None, fresh: bool = False) -> int:
     try:
         start = _resume_dir(settings, resume, fresh) if world.is_main else None
         step = broadcast_int(world, int(start.name.split("_")[1]) if start else -1)
-        model_dir = ckpt_root(settings) / step_dir_name(step) if step >= 0 else Path(settings.learner.model)
         if step < 0 and not settings.learner.model:
             raise LearnerError(
                 "learner.model (--model) is required when there is no checkpoint to resume from"
             )
-        trainer = build_trainer(settings, model_dir, world)
+        model_dir = (
+            ckpt_root(settings) / step_dir_name(step)
+            if step >= 0
+            else resolve_model_dir(settings.learner.model)
+        )
+        state = ckpt.load_trainer_state(model_dir, state_root(settings)) if step >= 0 else None
+        trainer = build_trainer(settings, model_dir, world, state)
         trainer.version = max(step, 0)  # the weights' policy version (loss.proximal = "version" keys on it)
-        state = ckpt.load_trainer_state(model_dir) if step >= 0 else None
-        if state is not None:
-            ckpt.restore(trainer.optimizer, trainer.scheduler, state)
         if not world.is_main:
             follow(trainer, world)
             return 0
@@ -243,7 +281,7 @@ class Learner:
 
     async def _start(self) -> None:
         await self.streams.ensure_group(self.keys.rollouts, LEARNER_GROUP)
-        removed = ckpt.remove_stale_tmp(self.publisher.root)
+        removed = ckpt.remove_stale_tmp(self.publisher.root, self.publisher.state_root)
         if removed:
             log.info("removed %d unfinished checkpoint dirs", removed)
         if self.restored is not None:

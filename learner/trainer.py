@@ -7,8 +7,14 @@ over ranks, so N ranks take exactly the 1-rank step (tests/integration/test_lear
 
 Proximal log-probs (docs/objective.md): the detached values of the same forward for the first mini-batch
 (no update has happened yet), and one no-grad pass over the later mini-batches before the first update;
-``loss.proximal = "behaviour"`` uses the engine's log-probs instead (ablation). The model stays in
-eval mode (no dropout) so the recompute is deterministic.
+``loss.proximal = "behaviour"`` uses the engine's log-probs instead (ablation).
+
+The model (``prepare_model``): every dropout probability is set to 0 at start-up, so the recomputed log-probs are
+deterministic; ``learner.lora.r > 0`` injects adapters (learner/lora.py); ``learner.gradient_checkpointing``
+enables transformers' per-layer checkpointing. The model is in train mode only for the forwards that backward
+follows (transformers checkpoints layers only in train mode), in eval mode otherwise. ``learner.precision =
+"bf16"`` runs those forwards under ``torch.autocast(bfloat16)``: parameters, gradients and AdamW state stay
+float32 (the master weights), and the log-softmax and the loss are computed in float32 (docs/objective.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -28,6 +34,7 @@ from learner.distributed import World, all_reduce_grads, all_reduce_sum, reduce_
 from learner.gspo import STAT_NAMES, group_advantages, merge_stats, metrics_from_stats, policy_loss
 from learner.logprobs import packed_logprobs, token_logprobs
 from learner.packing import plan_rows
+from modeling import ModelLoadError, disable_dropout
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -108,6 +115,29 @@ def apply_truncation_policy(batch: TrainBatch, policy: str) -> TrainBatch:
     raise ValueError(f"learner.truncated must be score, zero or mask, got {policy!r}")
 
 
+def prepare_model(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+    """Dropout off, LoRA adapters (``learner.lora.r > 0``), gradient checkpointing; returned in eval mode."""
+    ls = settings.learner
+    dropped = disable_dropout(model)
+    if dropped:  # the ratio to the proximal policy and the recompute must not see random masks
+        log.warning("dropout set to 0 for training (%d places: %s)", len(dropped), ", ".join(dropped[:4]))
+    if ls.lora.r > 0:
+        from learner.lora import apply_lora
+
+        model = apply_lora(model, ls.lora)
+    if ls.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ModelLoadError(
+                f"learner.gradient_checkpointing: {type(model).__name__} does not support it"
+            )
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.eval()
+
+
 class Trainer:
     def __init__(
         self,
@@ -117,8 +147,18 @@ class Trainer:
         ref_model: torch.nn.Module | None = None,
         pad_id: int = 0,
     ):
-        self.model, self.settings, self.world, self.pad_id = model.eval(), settings, world, pad_id
+        self.model, self.settings, self.world, self.pad_id = (
+            prepare_model(model, settings),
+            settings,
+            world,
+            pad_id,
+        )
         ls = settings.learner
+        # LoRA dropout acts in the training forward only: the proximal log-probs of every mini-batch then come from
+        # the no-grad pass (in eval mode), not from the (randomly masked) training forward itself
+        self.stochastic = ls.lora.r > 0 and ls.lora.dropout > 0
+        # LoRA: {"spec", "base_model", "base_sha256"}, stored with every checkpoint's adapters (learner/service.py)
+        self.lora_meta: dict | None = None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=ls.lr, betas=tuple(ls.betas), weight_decay=ls.weight_decay
@@ -135,6 +175,24 @@ class Trainer:
         self._snapshots: dict[int, dict[str, Tensor]] = {}
         if ls.kl_coef > 0 and self.ref_model is None:
             raise ValueError("learner.kl_coef > 0 needs a frozen reference model")
+        if ref_model is not None:
+            disable_dropout(ref_model)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        """``learner.precision``: bf16 autocast around forwards (fp32 master weights, fp32 log-softmax and loss)."""
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.settings.learner.precision == "bf16"):
+            yield
+
+    @contextlib.contextmanager
+    def _training_mode(self) -> Iterator[None]:
+        """Train mode for the forwards that backward follows (transformers' gradient checkpointing needs it)."""
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.eval()
 
     # ------------------------------------------------------------------ the step
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -152,8 +210,9 @@ class Trainer:
             denominator = sum(1 for i in mb if lengths[i] > 0)
             if denominator == 0:
                 continue
-            for micro in self._micro_batches(batch, [i for i in mb if i in mine_set]):
-                self._micro_step(batch, micro, adv, prox, denominator, acc)
+            with self._training_mode():
+                for micro in self._micro_batches(batch, [i for i in mb if i in mine_set]):
+                    self._micro_step(batch, micro, adv, prox, denominator, acc)
             self._optimizer_step(acc)
         metrics = self._metrics(batch, acc, stat_keys(batch, computed))
         metrics.update(_batch_metrics(batch, frac_tied))
@@ -202,7 +261,10 @@ class Trainer:
         for v in [v for v in self._snapshots if v < oldest]:
             del self._snapshots[v]
         if self.settings.pipeline.max_staleness > 0 and self.version not in self._snapshots:
-            self._snapshots[self.version] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            # the trained parameters only: frozen ones (a LoRA base) are the same in every version
+            self._snapshots[self.version] = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
 
     def _proximal(self, batch: TrainBatch, mine: list[int]) -> tuple[dict[int, Tensor], int]:
         """log π_prox per sequence index, and how many sequences lacked their generating version's weights.
@@ -217,7 +279,7 @@ class Trainer:
         if mode == "behaviour":
             return {i: batch.behaviour[i] for i in mine}, 0
         minibatches = _split(len(batch), self.settings.learner.n_minibatches)
-        first = set(minibatches[0]) if minibatches else set()
+        first = set(minibatches[0]) if minibatches and not self.stochastic else set()
         by_version: dict[int, list[int]] = {}
         for i in mine:
             k = int(batch.staleness[i]) if mode == "version" else 0
@@ -230,7 +292,7 @@ class Trainer:
             weights = self._snapshots.get(version) if version != self.version else None
             if version != self.version and weights is None:
                 missing += len(idx)
-            with _swapped_weights(self.model, weights):
+            with _swapped_weights(self.model, weights), self._autocast():
                 for micro in self._micro_batches(batch, idx):
                     lps = token_logprobs(
                         self.model,
@@ -251,14 +313,15 @@ class Trainer:
         acc: _Accumulator,
     ) -> None:
         temps = batch.temperatures[idx].tolist()
-        res = packed_logprobs(
-            self.model,
-            batch.sequences(idx),
-            temps,
-            max_row_tokens=self._row_tokens(batch, idx),
-            with_grad=True,
-            pad_id=self.pad_id,
-        )
+        with self._autocast():
+            res = packed_logprobs(
+                self.model,
+                batch.sequences(idx),
+                temps,
+                max_row_tokens=self._row_tokens(batch, idx),
+                with_grad=True,
+                pad_id=self.pad_id,
+            )
         lengths = [len(batch.completion_ids[i]) for i in idx]
         width = max(1, max(lengths))
         logp = pad_rows(res.logprobs, width)  # (b, T)
@@ -307,9 +370,10 @@ class Trainer:
     ) -> Tensor:
         """k3 estimator of KL(π_θ || π_ref) (Schulman 2020): exp(r) − r − 1, r = log π_ref − log π_θ;
         token mean per sequence, summed over sequences / global denominator."""
-        ref = token_logprobs(
-            self.ref_model, batch.sequences(idx), temps, max_row_tokens=self._row_tokens(batch, idx)
-        )
+        with self._autocast():
+            ref = token_logprobs(
+                self.ref_model, batch.sequences(idx), temps, max_row_tokens=self._row_tokens(batch, idx)
+            )
         r = pad_rows(ref, logp.shape[1]).to(logp.device) - logp
         k3 = torch.where(mask, torch.exp(r) - r - 1.0, 0.0)
         per_seq = k3.sum(-1) / mask.sum(-1).clamp(min=1)
@@ -379,12 +443,12 @@ class _Accumulator:
 
 @contextlib.contextmanager
 def _swapped_weights(model: torch.nn.Module, weights: dict[str, Tensor] | None):
-    """Run the model with ``weights`` (same names and shapes as its parameters) in place of its own, without
+    """Run the model with ``weights`` (names and shapes of its parameters, or of the trained ones) in place of its own, without
     copying: each parameter's storage is re-pointed and restored on exit. None: the model's own weights."""
     if weights is None:
         yield
         return
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if n in weights}
     saved = {n: p.data for n, p in params.items()}
     try:
         for n, p in params.items():

@@ -13,15 +13,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from common.hub import ModelLoadError, resolve_model_dir
 from common.tasks import ADDITION_CHARS
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-
-
-class ModelLoadError(RuntimeError):
-    """A model directory that cannot be used (missing, incomplete, wrong format)."""
 
 
 def build_char_tokenizer(
@@ -88,7 +85,7 @@ def build_tiny_model(
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    p = Path(path)
+    p = resolve_model_dir(path)
     if not (p / "config.json").exists():
         raise ModelLoadError(f"model directory {p} does not exist or has no config.json")
     try:
@@ -104,16 +101,41 @@ def load_tokenizer(path: str | Path):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
-    """An HF causal LM from a directory, on ``device``, sdpa attention, in eval mode."""
-    p = Path(path)
+def load_model(
+    path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
+    """An HF causal LM from a directory or a cached hub id (common/hub.py), on ``device``, in eval mode.
+
+    ``attn_implementation``: what transformers calls it (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
+    p = resolve_model_dir(path)
     if not (p / "config.json").exists():
         raise ModelLoadError(f"model directory {p} does not exist or has no config.json")
     try:
         AutoConfig.from_pretrained(p)
         model = AutoModelForCausalLM.from_pretrained(  # safetensors only: a pickled *.bin is refused, never loaded
-            p, dtype=_DTYPES[dtype], attn_implementation="sdpa", use_safetensors=True
+            p, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, use_safetensors=True
         )
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+        raise ModelLoadError(f"cannot load the model from {p} with attn_implementation={attn_implementation!r}: "
+                             f"{str(e).splitlines()[0]}") from None  # fmt: skip
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load the model from {p}: {e}") from None
     return model.to(device).eval()
+
+
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout probability of ``model`` to 0, in place; return the names of what was > 0.
+
+    Covers ``nn.Dropout`` modules and the float ``*dropout*`` attributes that attention modules apply only in
+    train mode (transformers passes ``dropout=0.0 if not self.training else self.attention_dropout``). The
+    model's config is left as it is, so published checkpoints keep the user's values."""
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            changed.append(f"{name or 'model'}.p={module.p}")
+            module.p = 0.0
+        for attr, value in list(vars(module).items()):
+            if "dropout" in attr and isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                changed.append(f"{name or 'model'}.{attr}={value}")
+                setattr(module, attr, 0.0)
+    return changed

@@ -44,7 +44,9 @@ def up(
     ),
     minutes: float = typer.Option(None, "--minutes", help="stop after this many minutes (> 0)"),
     model: str = typer.Option(
-        None, "--model", help="HF model dir [default: the reference task's tiny model]"
+        None,
+        "--model",
+        help="HF model dir or hub id (local cache only) [default: the reference task's tiny model]",
     ),
     redis_url: str = RedisUrlOpt,
     run: str = RunOpt,
@@ -89,13 +91,19 @@ def up(
 
 
 def _up(settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh) -> None:
+    from common.hub import ModelLoadError, resolve_model_dir
     from ops.launcher import LocalCluster, LogTail
     from ops.report import format_summary, plot_runs, summarize
 
     rd = Path(settings.run_dir).resolve()
-    model_dir = (
-        Path(model).resolve() if model else _default_model(rd, warmstart_reward, settings.learner.seed)
-    )
+    try:  # a directory, or a hub id from the local cache
+        model_dir = (
+            resolve_model_dir(model).resolve()
+            if model
+            else _default_model(rd, warmstart_reward, settings.learner.seed)
+        )
+    except ModelLoadError as e:
+        raise fail(str(e)) from None
     if not (model_dir / "config.json").exists():
         raise fail(f"model directory {model_dir} does not exist or has no config.json")
     # K and B go to the learner alone: producers take them from the learner-state hash it publishes

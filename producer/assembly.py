@@ -35,8 +35,10 @@ def default_producer_id() -> str:
 async def resolve_base_model(settings: Settings, streams: StreamClient, keys: RunKeys) -> str:
     """settings.producer.model, else settings.learner.model, else the announced checkpoint (its own base)."""
     model_dir = settings.producer.model or settings.learner.model
-    if model_dir:
-        return model_dir
+    if model_dir:  # a directory, or a hub id from the local cache
+        from common.hub import resolve_model_dir
+
+        return str(resolve_model_dir(model_dir))
     ann = await CheckpointFollower(streams, keys, "").announced()
     if ann is None:
         raise ProducerError(
@@ -59,7 +61,14 @@ async def build_engine(
         from producer.engines.hf import HFEngine
 
         seed = (p.seed * 1_000_003 + zlib.crc32(producer_id.encode())) % 2**31
-        engine = HFEngine(model_dir, device=p.device, dtype=p.dtype, seed=seed, threads=p.threads)
+        engine = HFEngine(
+            model_dir,
+            device=p.device,
+            dtype=p.dtype,
+            seed=seed,
+            threads=p.threads,
+            attn_implementation=p.attn_implementation,
+        )
         return engine, engine.tokenizer
     from producer.engines.sglang import SGLangEngine
 

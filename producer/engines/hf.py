@@ -161,6 +161,7 @@ class HFEngine(Engine):
         threads: int = 0,
         version: int = 0,
         decode: str = "auto",
+        attn_implementation: str = "sdpa",
     ):
         """``decode``: "loop" (fast loop; EngineError if the model is unsupported), "generate"
         (model.generate), or "auto" (the loop where :func:`loop_support` and a cached-vs-full probe
@@ -171,7 +172,7 @@ class HFEngine(Engine):
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.device = device
-        self.model = load_model(model_dir, device, dtype)
+        self.model = load_model(model_dir, device, dtype, attn_implementation=attn_implementation)
         self.tokenizer = load_tokenizer(model_dir)
         self.fingerprint = model_fingerprint(model_dir)
         self.version = version

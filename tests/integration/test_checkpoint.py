@@ -1,14 +1,25 @@
-"""Checkpoint publishing: atomic layout, HF-loadable weights, trainer-state round trip, no pickle."""
+"""Checkpoint publishing: atomic layout (published weights apart from the learner-private state), HF-loadable
+weights, trainer-state round trip, the earlier layout, no pickle."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from common.manifest import CheckpointError, read_manifest, stable_steps, verify_checkpoint
+from common.manifest import (
+    MANIFEST,
+    CheckpointError,
+    Manifest,
+    hash_tree,
+    read_manifest,
+    stable_steps,
+    verify_checkpoint,
+)
 from learner.batching import build_batch
 from learner.checkpoint import (
     load_trainer_state,
@@ -31,6 +42,11 @@ def trained(tiny_model_dir: Path) -> Trainer:
     return trainer
 
 
+def state_of(root: Path) -> Path:
+    """The learner-private state root the tests pair with a checkpoint root."""
+    return root.parent / f"{root.name}-state"
+
+
 def publish(trainer: Trainer, root: Path, step: int, tiny_model_dir: Path) -> tuple[Path, str]:
     snap = take_snapshot(
         trainer.model,
@@ -41,26 +57,45 @@ def publish(trainer: Trainer, root: Path, step: int, tiny_model_dir: Path) -> tu
         entry_ids=["1-0", "2-0"],
         trained_ids=["g0", "g1"],
     )
-    return write_checkpoint(root, snap, trainer.model, load_tokenizer(tiny_model_dir), "fp", parent=step - 1)
+    return write_checkpoint(
+        root,
+        snap,
+        trainer.model,
+        load_tokenizer(tiny_model_dir),
+        "fp",
+        parent=step - 1,
+        state_root=state_of(root),
+    )
 
 
 def test_published_checkpoint_verifies_and_loads_with_from_pretrained(tiny_model_dir, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     trainer = trained(tiny_model_dir)
-    path, digest = publish(trainer, tmp_path, 1, tiny_model_dir)
-    assert path == tmp_path / "step_00000001" and (path / "STABLE").exists()
+    root = tmp_path / "ckpt"
+    path, digest = publish(trainer, root, 1, tiny_model_dir)
+    assert path == root / "step_00000001" and (path / "STABLE").exists()
     manifest = verify_checkpoint(path, expected_manifest_sha256=digest)
     assert (manifest.step, manifest.version, manifest.parent, manifest.model_fingerprint) == (1, 1, 0, "fp")
     assert read_manifest(path)[1] == digest
-    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state/tensors.safetensors"} <= set(
+    # producers download what they load and nothing else: weights, config, generation config, tokenizer
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(
         manifest.files
     )
+    assert not [f for f in manifest.files if "trainer" in f or f.startswith(("tensors", "state", "trained"))]
+    assert sorted(p.name for p in path.iterdir()) == sorted({*manifest.files, MANIFEST, "STABLE"})
+    # the optimizer and trainer state stay with the learner, verified the same way
+    private = state_of(root) / "step_00000001"
+    assert sorted(verify_checkpoint(private).files) == [
+        "state.json",
+        "tensors.safetensors",
+        "trained_ids.json",
+    ]
     loaded = AutoModelForCausalLM.from_pretrained(path)
     want = trainer.model.state_dict()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, want[k]), k
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(root.glob(".tmp-*")) and not list(state_of(root).glob(".tmp-*"))
 
 
 def test_snapshot_is_isolated_from_later_steps(tiny_model_dir, tmp_path) -> None:
@@ -76,8 +111,8 @@ def test_snapshot_is_isolated_from_later_steps(tiny_model_dir, tmp_path) -> None
 
 def test_trainer_state_round_trip(tiny_model_dir, tmp_path) -> None:
     trainer = trained(tiny_model_dir)
-    path, _ = publish(trainer, tmp_path, 3, tiny_model_dir)
-    state = load_trainer_state(path)
+    path, _ = publish(trainer, tmp_path / "ckpt", 3, tiny_model_dir)
+    state = load_trainer_state(path, state_of(tmp_path / "ckpt"))
     assert (state.step, state.version, state.counters) == (3, 3, {"consumed": 7, "prompt_cursor": 40})
     assert state.entry_ids == ["1-0", "2-0"] and state.trained_ids == ["g0", "g1"]
     fresh = Trainer(load_model(path), settings(warmup_steps=5))
@@ -111,29 +146,112 @@ class _Bomb:
 
 def test_a_planted_pickle_is_never_loaded(tiny_model_dir, tmp_path) -> None:
     trainer = trained(tiny_model_dir)
-    path, _ = publish(trainer, tmp_path / "ckpt", 1, tiny_model_dir)
+    root = tmp_path / "ckpt"
+    path, _ = publish(trainer, root, 1, tiny_model_dir)
+    private = state_of(root) / path.name
     marker = tmp_path / "marker"
     bomb = pickle.dumps(_Bomb(marker))
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.pkl"):
-        (path / "trainer_state" / name).write_bytes(bomb)
-    load_trainer_state(path)  # ignores every non-safetensors/json file
-    assert not marker.exists()
-    (path / "trainer_state" / "tensors.safetensors").write_bytes(bomb)
+        (private / name).write_bytes(bomb)
+        (path / name).write_bytes(bomb)
+    load_trainer_state(
+        earlier_layout(path, private), state_of(root)
+    )  # ignores every non-safetensors/json file
+    path, _ = publish(trainer, root, 2, tiny_model_dir)
+    private = state_of(root) / path.name
+    for name in ("optimizer.pt", "trainer_state.pkl"):
+        (private / name).write_bytes(bomb)
+    load_trainer_state(path, state_of(root))  # the current layout: the same
+    (private / "tensors.safetensors").write_bytes(bomb)
+    with pytest.raises(
+        CheckpointError, match="tensors.safetensors"
+    ):  # the private manifest no longer matches
+        load_trainer_state(path, state_of(root))
+    earlier_layout(path, private)  # the bomb, hashed into the step's manifest
     with pytest.raises(CheckpointError, match="unreadable trainer state"):
-        load_trainer_state(path)
+        load_trainer_state(path, state_of(root))
     assert not marker.exists()
-    with pytest.raises(CheckpointError):  # and the manifest no longer matches
-        verify_checkpoint(path)
 
 
 def test_newest_verified_skips_corrupt_and_prune_keeps_the_newest(tiny_model_dir, tmp_path) -> None:
     trainer = trained(tiny_model_dir)
-    for step in (1, 2, 3):
-        publish(trainer, tmp_path, step, tiny_model_dir)
-    (tmp_path / ".tmp-step_00000004").mkdir()
-    assert remove_stale_tmp(tmp_path) == 1
-    (tmp_path / "step_00000003" / "model.safetensors").write_bytes(b"garbage")
-    assert newest_verified(tmp_path) == tmp_path / "step_00000002"
-    assert [p.name for p in prune(tmp_path, keep=1)] == ["step_00000001", "step_00000002"]
-    assert [p.name for p in stable_steps(tmp_path)] == ["step_00000003"]
-    assert newest_verified(tmp_path) is None
+    root, states = tmp_path / "ckpt", state_of(tmp_path / "ckpt")
+    for step in (1, 2, 3, 4):
+        publish(trainer, root, step, tiny_model_dir)
+    (root / ".tmp-step_00000005").mkdir()
+    (states / ".tmp-step_00000005").mkdir()
+    assert remove_stale_tmp(root, states) == 2
+    (root / "step_00000004" / "model.safetensors").write_bytes(b"garbage")
+    shutil.rmtree(states / "step_00000003")  # a published step without its trainer state is not resumed from
+    assert newest_verified(root, states) == root / "step_00000002"
+    assert [p.name for p in prune(root, keep=2, state_root=states)] == ["step_00000001", "step_00000002"]
+    assert [p.name for p in stable_steps(root)] == ["step_00000003", "step_00000004"]
+    assert sorted(p.name for p in states.iterdir()) == ["step_00000004"]
+    assert newest_verified(root, states) is None
+
+
+def earlier_layout(step_dir: Path, private: Path) -> Path:
+    """Turn a published step into the earlier layout: its trainer state in ``trainer_state/``, in its manifest."""
+    shutil.copytree(private, step_dir / "trainer_state", ignore=shutil.ignore_patterns(MANIFEST, "STABLE"))
+    old = read_manifest(step_dir)[0]
+    files = hash_tree(step_dir)
+    (step_dir / MANIFEST).write_bytes(
+        Manifest(old.step, old.version, old.parent, old.model_fingerprint, files, old.created_at).to_json()
+    )
+    shutil.rmtree(private)
+    return step_dir
+
+
+def test_a_step_of_the_earlier_layout_resumes(tiny_model_dir, tmp_path) -> None:
+    trainer = trained(tiny_model_dir)
+    root, states = tmp_path / "ckpt", state_of(tmp_path / "ckpt")
+    path, _ = publish(trainer, root, 3, tiny_model_dir)
+    want = load_trainer_state(path, states)
+    earlier_layout(path, states / path.name)
+    assert (
+        "trainer_state/tensors.safetensors" in verify_checkpoint(path).files
+        and not (states / path.name).exists()
+    )
+    assert newest_verified(root, states) == path
+    got = load_trainer_state(path, states)
+    assert (got.step, got.counters, got.entry_ids, got.trained_steps) == (
+        want.step, want.counters, want.entry_ids, want.trained_steps
+    )  # fmt: skip
+    fresh = Trainer(load_model(path), settings(warmup_steps=5))
+    restore(fresh.optimizer, fresh.scheduler, got)
+    for i, st in trainer.optimizer.state_dict()["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, fresh.optimizer.state_dict()["state"][i][name]), (i, name)
+    # the next checkpoint is written in the current layout, and pruning removes the earlier one whole
+    publish(fresh, root, 4, tiny_model_dir)
+    assert (
+        not (root / "step_00000004" / "trainer_state").exists()
+        and (states / "step_00000004" / "STABLE").exists()
+    )
+    assert [p.name for p in prune(root, keep=1, state_root=states)] == ["step_00000003"]
+
+
+def test_a_failed_write_leaves_neither_directory(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    trainer = trained(tiny_model_dir)
+    root, states = tmp_path / "ckpt", state_of(tmp_path / "ckpt")
+    publish(trainer, root, 1, tiny_model_dir)
+    monkeypatch.setenv("LEARNER_TEST_FAULT", "enospc_at_publish:2")
+    with pytest.raises(OSError, match="No space left"):
+        publish(trainer, root, 2, tiny_model_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    assert sorted(p.name for p in states.iterdir()) == ["step_00000001"]
+    import learner.checkpoint as ckpt
+
+    def fail_on_publish(tmp, final, *a):  # the private state is STABLE, the published dir fails
+        if final.parent == root:
+            raise OSError(28, "No space left on device")
+        return seal(tmp, final, *a)
+
+    seal = ckpt._seal
+    monkeypatch.delenv("LEARNER_TEST_FAULT")
+    monkeypatch.setattr(ckpt, "_seal", fail_on_publish)
+    with pytest.raises(OSError):
+        publish(trainer, root, 2, tiny_model_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    assert sorted(p.name for p in states.iterdir()) == ["step_00000001"]
+    assert json.loads((states / "step_00000001" / "state.json").read_text())["step"] == 1
