@@ -101,7 +101,9 @@ def test_killed_connections_and_a_paused_server_are_survived(
 
 
 def _entry_ids(step_dir: Path) -> list[str]:
-    return json.loads((step_dir / "trainer_state" / "state.json").read_text())["entry_ids"]
+    """The rollout entries a step's checkpoint covers, from its learner-private state (RUN_DIR/learner-state)."""
+    private = step_dir.parent.parent / "learner-state" / step_dir.name
+    return json.loads((private / "state.json").read_text())["entry_ids"]
 
 
 def test_full_disk_during_publish_keeps_training_and_acks_nothing_unpublished(
@@ -131,8 +133,11 @@ def test_full_disk_during_publish_keeps_training_and_acks_nothing_unpublished(
     assert not list(root.glob(".tmp-*")) and [p.name for p in stable_steps(root)] == [
         "step_00000001", "step_00000004", "step_00000005"]  # fmt: skip
     assert sorted(p.name for p in root.iterdir()) == [p.name for p in stable_steps(root)]  # no partial dir
+    states = run_dir / "learner-state"  # nor a private state without its published step
+    assert sorted(p.name for p in states.iterdir()) == [p.name for p in stable_steps(root)]
     for p in stable_steps(root):
         verify_checkpoint(p)
+        verify_checkpoint(states / p.name)
     # the entries of the unpublished steps 2 and 3 were not acked then: the step-4 checkpoint carries them
     assert [len(_entry_ids(root / n)) for n in ("step_00000001", "step_00000004", "step_00000005")] == [
         2,

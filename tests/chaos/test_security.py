@@ -208,19 +208,25 @@ class _Bomb:
 
 
 def _plant(step_dir: Path, marker: Path, *, drop_safetensors: bool) -> None:
-    """Pickle bombs under every name a PyTorch/HF stack might unpickle, with the manifest re-hashed: the worst
-    case, someone with write access to the checkpoint store (the manifest alone cannot stop that)."""
+    """Pickle bombs under every name a PyTorch/HF stack might unpickle, in the published step and in its
+    learner-private state (RUN_DIR/learner-state), with both manifests re-hashed: the worst case, someone with
+    write access to the checkpoint store (the manifest alone cannot stop that)."""
     bomb = pickle.dumps(_Bomb(marker))
+    private = step_dir.parent.parent / "learner-state" / step_dir.name
+    (step_dir / "trainer_state").mkdir()
     for rel in ("pytorch_model.bin", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                 "trainer_state/optimizer.pt", "trainer_state/rng_state.pth", "trainer_state/trainer_state.pkl"):  # fmt: skip
         (step_dir / rel).write_bytes(bomb)
+    for rel in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.pkl", "adapter_model.bin"):
+        (private / rel).write_bytes(bomb)
     if drop_safetensors:
         (step_dir / "model.safetensors").unlink()
-    old, _ = read_manifest(step_dir)
-    files = hash_tree(step_dir)
-    m = Manifest(old.step, old.version, old.parent, old.model_fingerprint, files, old.created_at)
-    (step_dir / MANIFEST).write_bytes(m.to_json())
-    verify_checkpoint(step_dir)
+    for d in (step_dir, private):
+        old, _ = read_manifest(d)
+        files = hash_tree(d)
+        m = Manifest(old.step, old.version, old.parent, old.model_fingerprint, files, old.created_at)
+        (d / MANIFEST).write_bytes(m.to_json())
+        verify_checkpoint(d)
 
 
 @pytest.mark.redis

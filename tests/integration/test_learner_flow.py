@@ -211,11 +211,12 @@ async def test_trained_ids_are_kept_for_a_window_of_steps_and_dedup_inside_it(
     assert rows[-1]["groups/ids"] == [groups[0].group_id, fresh[0].group_id]
     assert sum(r["duplicates/dropped"] for r in rows) == 1
     assert sum(r["staleness/dropped"] for r in rows) == 0
+    states = run_dir / "learner-state"  # the learner-private half of each step
     for step_dir in stable_steps(run_dir / "checkpoints"):
-        ids = json.loads((step_dir / "trainer_state" / "trained_ids.json").read_text())
+        ids = json.loads((states / step_dir.name / "trained_ids.json").read_text())
         assert ids["format"] == 2 and len(ids["ids"]) <= 8, (step_dir.name, ids)
     newest = json.loads(
-        (stable_steps(run_dir / "checkpoints")[-1] / "trainer_state" / "trained_ids.json").read_text()
+        (states / stable_steps(run_dir / "checkpoints")[-1].name / "trained_ids.json").read_text()
     )
     assert set(newest["ids"]) == {g for r in rows[-4:] for g in r["groups/ids"]}  # steps 8..11
     # each id keeps the step it was trained at (a resume forgets them on time, not all at once)

@@ -46,7 +46,7 @@ def test_upload_then_download_gives_the_same_verified_files(step_dir, store, tmp
     assert url == f"{store}/step_00000003"
     local = download_step(url, tmp_path / "cache", read_manifest(step_dir)[1])
     assert local == tmp_path / "cache" / "step_00000003"
-    assert hash_tree(local) == hash_tree(step_dir) and len(hash_tree(local)) >= 5  # trainer_state/ included
+    assert hash_tree(local) == hash_tree(step_dir) and len(hash_tree(local)) >= 5  # subdirectories included
     assert (local / STABLE).exists() and verify_checkpoint(local).step == 3
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["step_00000003"]  # no temp dir left
 
@@ -170,6 +170,12 @@ async def test_learner_announces_urls_and_producer_loads_from_its_cache(
         assert (remote_dir(store, Path(a.path).name) / STABLE).exists()
     local = cache / "step_00000002"
     assert verify_checkpoint(local, anns[-1].manifest_sha256).version == 2
+    # the producer downloaded the weights, config and tokenizer, not the learner's optimizer and trainer state
+    fetched = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "model.safetensors" in fetched and not [
+        f for f in fetched if f.startswith(("trainer_state", "tensors", "state"))
+    ]
+    assert not list(remote_dir(store, "step_00000002").glob("trainer_state"))
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
     assert metrics.weight_version == 2 and metrics.weight_syncs >= 1
     late = await _late_groups(aredis, run_id, 2)

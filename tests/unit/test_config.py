@@ -166,3 +166,28 @@ def test_save_settings_writes_no_secret_and_reloads(tmp_path):
     saved = json.loads(text)
     assert saved["redis"]["url"] == "redis://user:***@h:6379/0"
     assert saved["learner"]["lr"] == 1e-4 and saved["learner"]["betas"] == [0.9, 0.999]
+
+
+def test_the_readme_real_model_example_loads_and_lora_settings_are_checked(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### The learner on a real model", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    s = load_settings(write_toml(tmp_path, block), env={})
+    ls = s.learner
+    assert (ls.model, ls.precision, ls.gradient_checkpointing, ls.attn_implementation) == (
+        "Qwen/Qwen3-0.6B",
+        "bf16",
+        True,
+        "sdpa",
+    )
+    assert (ls.lora.r, ls.lora.alpha, ls.lora.dropout, ls.lora.target_modules) == (
+        16,
+        32.0,
+        0.0,
+        ["all-linear"],
+    )
+    assert s.producer.attn_implementation == "sdpa"
+    assert load_settings(env={"GSPO_LEARNER__LORA__R": "8"}).learner.lora.r == 8
+    assert "learner.lora.r" in one_line_error(env={"GSPO_LEARNER__LORA__R": "-1"})
+    assert "learner.lora.dropout" in one_line_error(env={"GSPO_LEARNER__LORA__DROPOUT": "1.5"})
+    assert "learner.precision" in one_line_error(env={"GSPO_LEARNER__PRECISION": "fp8"})
+    assert "learner.lora.rank: unknown key" in one_line_error(env={"GSPO_LEARNER__LORA__RANK": "8"})
