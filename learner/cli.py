@@ -12,7 +12,11 @@ from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt,
 def learner(
     redis_url: str = RedisUrlOpt,
     run: str = RunOpt,
-    model: str = typer.Option(None, "--model", help="HF model dir to start from (ignored when resuming)"),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="HF model dir or cached hub id to start from (ignored when resuming, except a LoRA run's base)",
+    ),
     run_dir: Path = RunDirOpt,
     resume: bool = typer.Option(
         None,

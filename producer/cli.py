@@ -15,7 +15,9 @@ def producer(
     engine: str = typer.Option(None, "--engine", help="transformers | sglang"),
     sglang_url: str = typer.Option(None, "--sglang-url", help="SGLang server URL (engine=sglang)"),
     model: str = typer.Option(
-        None, "--model", help="HF model dir (default: the run's published checkpoint or base model)"
+        None,
+        "--model",
+        help="HF model dir or cached hub id (default: the run's published checkpoint or base model)",
     ),
     group_size: int = typer.Option(None, "--group-size", "-G", help="completions per prompt"),
     producer_id: str = typer.Option(None, "--producer-id", help="unique id [default: host-pid]"),

@@ -52,6 +52,7 @@ def used_run(r: redis.Redis, keys: RunKeys, model: Path, redis_url: str, run_dir
     done = run(learner_cmd(redis_url, keys.run, model, run_dir, "--max-steps", "4", "--dataset", ""))
     assert done.returncode == 0, done.stdout + done.stderr
     assert [p.name for p in stable_steps(run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (run_dir / "learner-state").iterdir()) == ["step_00000002", "step_00000004"]
 
 
 def test_no_resume_on_a_used_run_is_refused_in_one_line(tiny_model_dir, redis_url, run_id, tmp_path):
@@ -112,6 +113,8 @@ def test_fresh_wipes_the_run_and_starts_over(tiny_model_dir, redis_url, run_id, 
         # one run, the new one: steps 1-2 only, checkpoint 2 only (the old step_00000004 cannot prune it)
         assert metric_steps(run_dir) == [1, 2]
         assert [p.name for p in stable_steps(run_dir / "checkpoints")] == ["step_00000002"]
+        # the old run's learner-private state went too: only the new step's remains
+        assert sorted(p.name for p in (run_dir / "learner-state").iterdir()) == ["step_00000002"]
         assert not (run_dir / "metrics" / "producer-old.jsonl").exists()
         latest = decode(r.get(keys.latest), expect=CheckpointAnnouncement)
         assert latest.step == 2
