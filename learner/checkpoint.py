@@ -330,13 +330,14 @@ def _read_trained(raw: Any, step: int) -> dict[str, int]:
     raise ValueError(f"{IDS_FILE}: neither a list of ids nor {{'format': {IDS_FORMAT}, 'ids': {{...}}}}")
 
 
-def state_dir_for(step_dir: Path, state_root: Path) -> Path:
-    """Where the trainer state of published ``step_dir`` lies: its verified private dir under ``state_root``, or
-    (earlier layout) the ``trainer_state/`` inside the step, covered by the step's own manifest.
-    :class:`CheckpointError` when there is neither."""
+def state_dir_for(step_dir: Path, state_root: Path, verify: bool = True) -> Path:
+    """Where the trainer state of published ``step_dir`` lies: its private dir under ``state_root`` (verified
+    against its manifest unless ``verify`` is False), or (earlier layout) the ``trainer_state/`` inside the step,
+    covered by the step's own manifest. :class:`CheckpointError` when there is neither."""
     private = Path(state_root) / Path(step_dir).name
     if private.is_dir():
-        verify_checkpoint(private)
+        if verify:
+            verify_checkpoint(private)
         return private
     earlier = Path(step_dir) / STATE_DIR
     if earlier.is_dir():
@@ -346,10 +347,10 @@ def state_dir_for(step_dir: Path, state_root: Path) -> Path:
     )
 
 
-def load_trainer_state(step_dir: Path, state_root: Path) -> TrainerState:
+def load_trainer_state(step_dir: Path, state_root: Path, verify: bool = True) -> TrainerState:
     """Read the trainer state of a published step (:func:`state_dir_for`) with safetensors + json only (no other
-    file is opened)."""
-    d = state_dir_for(step_dir, state_root)
+    file is opened). ``verify=False`` skips hashing a private dir that :func:`newest_verified` just verified."""
+    d = state_dir_for(step_dir, state_root, verify)
     try:
         tensors = load_file(str(d / TENSORS_FILE))
         state = json.loads((d / STATE_FILE).read_text())

@@ -193,7 +193,8 @@ def _main(settings: Settings, resume: bool | None, fresh: bool = False) -> int:
             if step >= 0
             else resolve_model_dir(settings.learner.model)
         )
-        state = ckpt.load_trainer_state(model_dir, state_root(settings)) if step >= 0 else None
+        # rank 0's _resume_dir verified it (newest_verified); other ranks read the same files
+        state = ckpt.load_trainer_state(model_dir, state_root(settings), verify=False) if step >= 0 else None
         trainer = build_trainer(settings, model_dir, world, state)
         trainer.version = max(step, 0)  # the weights' policy version (loss.proximal = "version" keys on it)
         if not world.is_main:
