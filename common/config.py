@@ -278,6 +278,19 @@ class Settings(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _state_apart_from_checkpoints(self) -> Settings:
+        # both hold step_XXXXXXXX/ dirs: in one directory the published and the private halves would collide
+        run_dir = Path(self.run_dir)
+        published = Path(self.learner.checkpoint_dir or run_dir / "checkpoints").resolve()
+        private = Path(self.learner.state_dir or run_dir / "learner-state").resolve()
+        if published == private:
+            raise ValueError(
+                f"learner.state_dir and learner.checkpoint_dir are the same directory ({published}): the learner's "
+                f"private state must be kept apart from the checkpoints producers load"
+            )
+        return self
+
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-able data with credentials removed (safe to log and save)."""
         from common.redis_conn import redact_url

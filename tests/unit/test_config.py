@@ -191,3 +191,7 @@ def test_the_readme_real_model_example_loads_and_lora_settings_are_checked(tmp_p
     assert "learner.lora.dropout" in one_line_error(env={"GSPO_LEARNER__LORA__DROPOUT": "1.5"})
     assert "learner.precision" in one_line_error(env={"GSPO_LEARNER__PRECISION": "fp8"})
     assert "learner.lora.rank: unknown key" in one_line_error(env={"GSPO_LEARNER__LORA__RANK": "8"})
+    msg = one_line_error(
+        env={"GSPO_LEARNER__STATE_DIR": "/x/ckpt", "GSPO_LEARNER__CHECKPOINT_DIR": "/x/ckpt/"}
+    )
+    assert "learner.state_dir and learner.checkpoint_dir are the same directory" in msg
