@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-trl bench-async bench-staleness bench-staleness-study bench-e2e clean
+.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-memory bench-learner-trl bench-async bench-staleness bench-staleness-study bench-e2e clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-engine: $(STAMP)
 
 bench-learner: $(STAMP)
 	$(BIN)/python -m bench.learner_overhead
+
+bench-learner-memory: $(STAMP)
+	$(BIN)/python -m bench.learner_memory
 
 ## TRL runs in its own venv (bench/.trl-venv), created here on first use
 bench/.trl-venv/bin/python:
