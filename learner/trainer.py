@@ -147,19 +147,15 @@ class Trainer:
         ref_model: torch.nn.Module | None = None,
         pad_id: int = 0,
     ):
-        self.model, self.settings, self.world, self.pad_id = (
-            prepare_model(model, settings),
-            settings,
-            world,
-            pad_id,
-        )
+        self.settings, self.world, self.pad_id = settings, world, pad_id
+        self.model = prepare_model(model, settings)
         ls = settings.learner
         # LoRA dropout acts in the training forward only: the proximal log-probs of every mini-batch then come from
         # the no-grad pass (in eval mode), not from the (randomly masked) training forward itself
         self.stochastic = ls.lora.r > 0 and ls.lora.dropout > 0
         # LoRA: {"spec", "base_model", "base_sha256"}, stored with every checkpoint's adapters (learner/service.py)
         self.lora_meta: dict | None = None
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=ls.lr, betas=tuple(ls.betas), weight_decay=ls.weight_decay
         )
@@ -443,8 +439,8 @@ class _Accumulator:
 
 @contextlib.contextmanager
 def _swapped_weights(model: torch.nn.Module, weights: dict[str, Tensor] | None):
-    """Run the model with ``weights`` (names and shapes of its parameters, or of the trained ones) in place of its own, without
-    copying: each parameter's storage is re-pointed and restored on exit. None: the model's own weights."""
+    """Run the model with ``weights`` (names and shapes of its parameters, or of its trained ones) in place of its
+    own, without copying: each parameter's storage is re-pointed and restored on exit. None: the model's own."""
     if weights is None:
         yield
         return

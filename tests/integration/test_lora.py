@@ -227,3 +227,30 @@ async def test_a_lora_learner_publishes_for_producers_and_resumes(
     s6 = learner_settings(run_id, redis_url, tmp_path / "run", tiny_model_dir, max_staleness=5, max_steps=6,
                           lora={**lora, "r": 4})  # fmt: skip
     assert await run_learner(main, s6, resume=True) == 2
+
+
+def test_lora_with_the_version_anchor_keeps_only_adapter_copies(tiny_model_dir, tmp_path) -> None:
+    """loss.proximal = "version" keeps the trained parameters of past versions: with LoRA, the adapters alone
+    (the base is the same in every version). Version 0's adapters are the base model's exact numbers (B = 0), so
+    anchoring on them equals anchoring on behaviour log-probs the base model computed."""
+    from tests.integration.test_proximal_version import _stale_batch
+
+    base = load_model(tiny_model_dir)
+    fresh, stale = _stale_batch(base, 0, seed=1), _stale_batch(base, 1, seed=2)
+    runs = {}
+    for proximal in ("version", "behaviour"):
+        s = lora_settings(tmp_path, tiny_model_dir)
+        s.loss = s.loss.model_copy(update={"proximal": proximal, "clip_low": 3e-4, "clip_high": 4e-4})
+        torch.manual_seed(0)  # the adapters' A is drawn at random (the learner seeds with learner.seed)
+        trainer = build_trainer(s, tiny_model_dir, World())
+        metrics = [trainer.train_step(b) for b in (fresh, stale)]
+        runs[proximal] = (trainer, metrics)
+    tv, mv = runs["version"]
+    tb, mb = runs["behaviour"]
+    assert sorted(tv._snapshots) == [0, 1] and mv[1]["proximal/missing_version"] == 0
+    trainable = {n for n, p in tv.model.named_parameters() if p.requires_grad}
+    assert all(set(w) == trainable for w in tv._snapshots.values())
+    assert abs(mv[1]["gspo/clip_frac"] - mb[1]["gspo/clip_frac"]) < 1e-9
+    live_b = dict(tb.model.named_parameters())
+    for n, p in tv.model.named_parameters():
+        torch.testing.assert_close(p, live_b[n], atol=2e-5, rtol=0)
