@@ -45,9 +45,10 @@ def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_m
     batch = build_batch(hand_groups(base, n_groups=3))
     results = {}
     for gc in (False, True):
-        trainer = Trainer(
-            load_model(tiny_model_dir), settings(gradient_checkpointing=gc, micro_batch_tokens=64)
-        )
+        s = settings(gradient_checkpointing=gc, micro_batch_tokens=64)
+        # one mini-batch anchored on its own forward: no no-grad pass runs the layers, only forward and backward
+        s.loss = s.loss.model_copy(update={"proximal": "recompute"})
+        trainer = Trainer(load_model(tiny_model_dir), s)
         # the MLP of each decoder layer runs inside the checkpointed layer: once per forward, again per backward
         calls = [_counting(layer.mlp) for layer in trainer.model.model.layers]
         micro = len(trainer._micro_batches(batch, trainer._computed(batch, batch_advantages(batch)[0])))

@@ -124,7 +124,9 @@ def _same_optimizer(a, b) -> None:
 def test_a_lora_run_resumes_adapters_and_optimizer_exactly(tiny_model_dir, tmp_path) -> None:
     s = lora_settings(tmp_path, tiny_model_dir)
     ref_model = load_model(tiny_model_dir)
-    batches = [build_batch(hand_groups(ref_model, n_groups=3, seed=k)) for k in range(3)]
+    # fresh groups (staleness 0): every proximal anchor is then the resumed weights themselves (loss.proximal =
+    # "version" holds no copies of versions before a resume, and falls back to the current weights for them)
+    batches = [build_batch([(g, 0) for g, _ in hand_groups(ref_model, n_groups=3, seed=k)]) for k in range(3)]
     trainer = build_trainer(s, tiny_model_dir, World())
     trainer.train_step(batches[0])
     path = publish(trainer, s, 1, tiny_model_dir)
