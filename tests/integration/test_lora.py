@@ -176,6 +176,11 @@ def test_lora_resume_refuses_another_configuration_or_base(tiny_model_dir, tmp_p
     no_base.learner = no_base.learner.model_copy(update={"model": ""})
     with pytest.raises(LearnerError, match="learner.lora needs learner.model"):
         build_trainer(no_base, path, World(), state)
+    with pytest.raises(LoraError, match=r"learner.lora: .*nope_proj.* not found") as e:
+        build_trainer(
+            lora_settings(tmp_path, tiny_model_dir, target_modules=["nope_proj"]), tiny_model_dir, World()
+        )
+    assert "\n" not in str(e.value)
 
 
 def test_without_peft_lora_says_how_to_install_it(tiny_model_dir, tmp_path, monkeypatch) -> None:
