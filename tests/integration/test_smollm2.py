@@ -105,7 +105,8 @@ def test_chunked_recompute_matches_one_chunk_and_the_engine(smollm2_dir, model, 
     g_chunked = model.lm_head.weight.grad
     model.zero_grad(set_to_none=True)
     for a, b, c in zip(chunked.logprobs, one.logprobs, comps, strict=True):
-        assert (a - b).abs().max().item() <= 1e-5
+        # fp32 rounding of a 30-layer model's log-probs (|log p| up to ~10): measured up to 1.01e-5
+        assert (a - b).abs().max().item() <= 3e-5
         assert (a.detach() - torch.from_numpy(c.logprobs)).abs().max().item() <= 1e-4  # engine vs learner
     assert chunked.entropy_sum == pytest.approx(one.entropy_sum, rel=1e-5)
     # the tied embedding's gradient also flows back through 30 layers from the (chunked) head's input gradient,
