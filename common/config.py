@@ -12,7 +12,9 @@ by the field's type (``GSPO_LEARNER__LR=1e-4`` -> 0.0001).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +64,28 @@ class SamplingSettings(_Section):
     )
     top_k: int = Field(-1, ge=-1, description="top-k sampling; -1 = off")
     max_new_tokens: int = Field(16, ge=1, le=131_072, description="completion length cap")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="stop strings: a completion ends with the token that completes one (finish_reason 'stop'); the reward sees the text before it",
+    )
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        description="extra token ids that end a completion (kept, like EOS), besides the model's EOS",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("token ids must be >= 0")
+        return v
 
 
 class PipelineSettings(_Section):
@@ -133,7 +157,77 @@ class ProducerSettings(_Section):
     cache_dir: str = Field(
         "", description="local cache of downloaded checkpoints; default RUN_DIR/checkpoint-cache"
     )
+    reward_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="one reward call (one prompt's G completions) longer than this dead-letters the prompt as reward_error",
+    )
+    reward_threads: int = Field(
+        8, ge=1, le=1024, description="threads that run reward functions (off the producer's event loop)"
+    )
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+
+
+_REWARD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+RESERVED_REWARD_NAMES = ("mean", "std")  # reward/mean and reward/std are the weighted total's metrics
+
+
+class RewardSettings(_Section):
+    function: str = Field(
+        ..., description="a registered reward name (math_verify, ...) or 'package.module:function'"
+    )
+    name: str = Field("", description="metric name (reward/<name>); default: the function's name")
+    weight: float = Field(1.0, description="weight in the total reward (sum of weight x score)")
+
+    @field_validator("function")
+    @classmethod
+    def _function(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a reward function")
+        return v.strip()
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _default_name(self) -> RewardSettings:
+        if not self.name:
+            self.name = self.function.rpartition(":")[2].rpartition(".")[2] or self.function
+        if not _REWARD_NAME.match(self.name) or self.name in RESERVED_REWARD_NAMES:
+            raise ValueError(
+                f"reward name {self.name!r}: use letters, digits, '_', '.', '-' (not {' or '.join(RESERVED_REWARD_NAMES)})"
+            )
+        return self
+
+
+class TaskSettings(_Section):
+    system_prompt: str = Field(
+        "", description="system message put before chat prompts that have none ('' = none)"
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra arguments of the chat template, e.g. {enable_thinking = false} for Qwen3",
+    )
+    add_special_tokens: bool | None = Field(
+        None,
+        description="string prompts: add the tokenizer's special tokens (BOS ...); None = as the tokenizer does by default",
+    )
+    rewards: list[RewardSettings] = Field(
+        default_factory=list,
+        description="rewards of every prompt, [{function, name, weight}, ...], summed with their weights; [] = each row's own task (reward) alone",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TaskSettings:
+        names = [r.name for r in self.rewards]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task.rewards: reward names must be unique, {dup} repeated (set name=)")
+        return self
 
 
 class LossSettings(_Section):
@@ -245,7 +339,36 @@ class LearnerSettings(_Section):
         description="prompt source the learner keeps queued: a task name or a JSONL path; '' = none",
     )
     prompts_ahead: int = Field(4, ge=1, description="keep this many batches' worth of prompts queued")
-    tensorboard: bool = Field(False, description="also write TensorBoard events")
+    tensorboard: bool = Field(False, description="also write TensorBoard events (when installed)")
+    report_to: list[Literal["wandb", "mlflow", "trackio", "tensorboard"]] = Field(
+        default_factory=list,
+        description="experiment trackers that get every step's metrics and the sample completions (extras: pip install 'gspo-pipeline[wandb]' ...)",
+    )
+    report_project: str = Field(
+        "gspo",
+        description="tracker project (W&B, trackio) or experiment (MLflow); the run is named after `run`",
+    )
+    samples_every: int = Field(
+        10,
+        ge=0,
+        description="write sample completions to RUN_DIR/samples.jsonl (and the trackers) every N steps (0 = off)",
+    )
+    samples_groups: int = Field(2, ge=1, description="groups (all their completions) in each sample")
+    eval_dataset: str = Field(
+        "",
+        description="evaluation prompts (a dataset spec like learner.dataset; hf: sources read split 'test' unless ?split=); '' = no eval",
+    )
+    eval_every: int = Field(0, ge=0, description="enqueue the eval prompts every N steps (0 = never)")
+    eval_prompts: int = Field(0, ge=0, description="first N eval prompts only (0 = all)")
+
+    @model_validator(mode="after")
+    def _eval_pair(self) -> LearnerSettings:
+        if bool(self.eval_dataset) != bool(self.eval_every):
+            raise ValueError(
+                "learner.eval_dataset and learner.eval_every go together: set both (a dataset and every N "
+                "steps) or neither"
+            )
+        return self
 
 
 class Settings(_Section):
@@ -260,6 +383,7 @@ class Settings(_Section):
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     loss: LossSettings = Field(default_factory=LossSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
 
     @field_validator("run")
     @classmethod
@@ -300,7 +424,7 @@ class Settings(_Section):
         return d
 
 
-SECTIONS = ("redis", "pipeline", "producer", "learner", "loss")
+SECTIONS = ("redis", "pipeline", "producer", "learner", "loss", "task")
 
 
 # --------------------------------------------------------------------------- loading

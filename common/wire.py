@@ -182,9 +182,62 @@ def _require(d: dict, name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- messages
+def _check_messages(name: str, v: Any, limits: Limits) -> tuple[dict[str, Any], ...]:
+    """Chat messages: a list of maps with a non-empty string ``role`` and a ``content`` that is a string or a
+    list of parts (maps of scalars, e.g. ``{"type": "text", "text": ...}``); other keys hold scalars."""
+    if not isinstance(v, list):
+        raise WrongType(f"field {name!r}: expected a list of messages, got {type(v).__name__}")
+    if len(v) > limits.max_meta_items:
+        raise TooLarge(f"field {name!r}: {len(v)} messages exceeds {limits.max_meta_items}")
+    out = []
+    for k, m in enumerate(v):
+        where = f"{name}[{k}]"
+        if not isinstance(m, dict):
+            raise WrongType(f"field {where!r}: expected a map, got {type(m).__name__}")
+        role = _check_str(f"{where}.role", _require(m, "role"), limits)
+        if not role:
+            raise InvalidValue(f"field {where!r}: empty role")
+        content = _require(m, "content")
+        if isinstance(content, list):
+            if len(content) > limits.max_meta_items:
+                raise TooLarge(f"field {where}.content: {len(content)} parts")
+            content = [_check_meta(f"{where}.content[]", part, limits) for part in content]
+        else:
+            content = _check_str(f"{where}.content", content, limits)
+        rest = {key: x for key, x in m.items() if key not in ("role", "content")}
+        out.append({**_check_meta(where, rest, limits), "role": role, "content": content})
+    return tuple(out)
+
+
+def _check_rewards(name: str, v: Any, limits: Limits) -> tuple[tuple[str, str, float], ...]:
+    """``[[name, function, weight], ...]``: names unique and non-empty, weights finite."""
+    if not isinstance(v, list):
+        raise WrongType(f"field {name!r}: expected a list of [name, function, weight]")
+    if len(v) > limits.max_meta_items:
+        raise TooLarge(f"field {name!r}: {len(v)} rewards")
+    out = []
+    for r in v:
+        if not isinstance(r, list) or len(r) != 3:
+            raise WrongType(f"field {name!r}: each reward is [name, function, weight]")
+        label = _check_str(f"{name}[].name", r[0], limits)
+        fn = _check_str(f"{name}[].function", r[1], limits)
+        if not label or not fn:
+            raise InvalidValue(f"field {name!r}: empty reward name or function")
+        out.append((label, fn, _check_float(f"{name}[].weight", r[2])))
+    if len({r[0] for r in out}) != len(out):
+        raise InvalidValue(f"field {name!r}: reward names repeat")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class PromptTask:
-    """One prompt to be sampled ``group_size`` times. ``task_id`` becomes the group id (idempotency key)."""
+    """One prompt to be sampled ``group_size`` times. ``task_id`` becomes the group id (idempotency key).
+
+    The prompt is either ``prompt`` (text, tokenised as is; ``add_special_tokens``: None = the tokenizer's
+    default) or, when ``messages`` is not empty, chat messages that the producer renders with its tokenizer's
+    chat template (``add_generation_prompt=True`` and ``chat_template_kwargs``); ``prompt`` is then "".
+    ``rewards`` (``(name, function, weight)``) replaces the single reward ``task`` when not empty. Every field
+    after ``created_at`` is optional on the wire (messages from older feeders decode with the defaults)."""
 
     TAG: ClassVar[str] = "prompt"
     task_id: str
@@ -193,10 +246,14 @@ class PromptTask:
     meta: dict[str, Any] = field(default_factory=dict)  # fields the reward needs, e.g. {"answer": "42"}
     prompt_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=_I32))  # optional pre-tokenized
     created_at: float = field(default_factory=time.time)
+    messages: tuple[dict[str, Any], ...] = ()  # chat prompt (TRL's conversational format)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    add_special_tokens: bool | None = None  # text prompts only
+    rewards: tuple[tuple[str, str, float], ...] = ()  # (name, function, weight); () = the reward ``task``
     __eq__ = _value_eq
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "task_id": self.task_id,
             "prompt": self.prompt,
             "task": self.task,
@@ -204,12 +261,24 @@ class PromptTask:
             "prompt_ids": pack_i32(self.prompt_ids),
             "created_at": float(self.created_at),
         }
+        if self.messages:
+            d["messages"] = [dict(m) for m in self.messages]
+        if self.chat_template_kwargs:
+            d["chat_template_kwargs"] = dict(self.chat_template_kwargs)
+        if self.add_special_tokens is not None:
+            d["add_special_tokens"] = bool(self.add_special_tokens)
+        if self.rewards:
+            d["rewards"] = [[n, f, float(w)] for n, f, w in self.rewards]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, limits: Limits) -> PromptTask:
         task_id = _check_str("task_id", _require(d, "task_id"), limits)
         if not task_id:
             raise InvalidValue("field 'task_id' is empty")
+        special = d.get("add_special_tokens")
+        if special is not None and not isinstance(special, bool):
+            raise WrongType(f"field 'add_special_tokens': expected bool, got {type(special).__name__}")
         return cls(
             task_id=task_id,
             prompt=_check_str("prompt", _require(d, "prompt"), limits),
@@ -217,6 +286,12 @@ class PromptTask:
             meta=_check_meta("meta", _require(d, "meta"), limits),
             prompt_ids=_unpack_array("prompt_ids", _require(d, "prompt_ids"), _I32, limits),
             created_at=_check_float("created_at", _require(d, "created_at")),
+            messages=_check_messages("messages", d.get("messages", []), limits),
+            chat_template_kwargs=_check_meta(
+                "chat_template_kwargs", d.get("chat_template_kwargs", {}), limits
+            ),
+            add_special_tokens=special,
+            rewards=_check_rewards("rewards", d.get("rewards", []), limits),
         )
 
 
@@ -233,10 +308,13 @@ class Sample:
     version_spans: tuple[
         tuple[int, int, int], ...
     ] = ()  # (version, start, end) token spans when weights changed
+    # each reward's own score (before its weight; None: it does not apply to this sample) when the task has
+    # several; ``reward`` is their weighted sum. Optional on the wire.
+    rewards: dict[str, float | None] = field(default_factory=dict)
     __eq__ = _value_eq
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "completion_ids": pack_i32(self.completion_ids),
             "logprobs": pack_f32(self.logprobs),
             "reward": float(self.reward),
@@ -245,6 +323,9 @@ class Sample:
             "version_end": int(self.version_end),
             "version_spans": [list(s) for s in self.version_spans],
         }
+        if self.rewards:
+            d["rewards"] = {k: (None if v is None else float(v)) for k, v in self.rewards.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, limits: Limits) -> Sample:
@@ -271,7 +352,15 @@ class Sample:
             if not isinstance(s, list) or len(s) != 3:
                 raise WrongType("field 'version_spans': each span is [version, start, end]")
             spans.append(tuple(_check_int("version_spans[]", x) for x in s))
-        return cls(ids, lps, _check_float("reward", _require(d, "reward")), reason, v0, v1, tuple(spans))
+        parts_raw = d.get("rewards", {})
+        if not isinstance(parts_raw, dict) or len(parts_raw) > limits.max_meta_items:
+            raise WrongType("field 'rewards': expected a map of reward name -> score or nil")
+        parts = {
+            _check_str("rewards key", k, limits): (None if x is None else _check_float(f"rewards.{k}", x))
+            for k, x in parts_raw.items()
+        }
+        reward = _check_float("reward", _require(d, "reward"))
+        return cls(ids, lps, reward, reason, v0, v1, tuple(spans), parts)
 
 
 @dataclass(frozen=True)

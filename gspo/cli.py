@@ -41,8 +41,10 @@ def _common(run, run_dir, redis_url, log_level) -> dict:
 
 @prompts_app.command("load")
 def prompts_load(
-    file: Path = typer.Argument(
-        ..., help="JSONL: one object per line with 'prompt' and the reward's fields (e.g. 'answer')"
+    file: str = typer.Argument(
+        ...,
+        help="JSONL (one object per line with 'prompt' and the reward's fields, e.g. 'answer'), a Parquet "
+        "file or directory, or hf:NAME_OR_DIR; options after '?': split, config, task, columns, cache_dir",
     ),
     repeat: int = typer.Option(1, "--repeat", min=1, help="enqueue the file this many times (epochs)"),
     redis_url: str = RedisUrlOpt,
@@ -55,8 +57,9 @@ def prompts_load(
     from common.feeder import PromptsFull
     from common.tasks import TaskError
 
-    if not file.exists():
-        raise fail(f"prompt file {file} does not exist")
+    source = file.partition("?")[0]
+    if not source.startswith("hf:") and not Path(source).exists():
+        raise fail(f"prompt file {source} does not exist")
     settings = prepare(
         config, _common(run, run_dir, redis_url, log_level), service="prompts", log_to_run_dir=False
     )

@@ -28,10 +28,10 @@ import re
 from collections.abc import Iterator
 
 from common.config import Settings
-from common.feeder import enqueue
+from common.feeder import check_task_settings, enqueue
 from common.keys import PRODUCERS_GROUP, RunKeys
 from common.streams import StreamClient
-from common.tasks import PromptRow, dataset_rows
+from common.tasks import PromptRow, dataset_rows, eval_rows
 from common.wire import PromptTask, WireError, decode
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,33 @@ class PromptFeeder:
         self.cursor = cursor
         self._rows: Iterator[PromptRow] | None = None  # opened at the first prompt needed
         self._id_re = re.compile(rf"^{re.escape(settings.run)}-(\d{{9}})$")
+        self._eval: list[PromptRow] | None = None  # the eval set, read at the first round
+        check_task_settings(settings.task)
 
     def task_id(self, position: int) -> str:
         return f"{self.s.run}-{position:09d}"
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_prefix(self) -> str:
+        """Task ids of eval prompts: ``{run}-eval-{step:09d}-{i:06d}`` (never trained: learner/evaluation.py)."""
+        return f"{self.s.run}-eval-"
+
+    def eval_task_id(self, step: int, i: int) -> str:
+        return f"{self.eval_prefix()}{step:09d}-{i:06d}"
+
+    def eval_set(self) -> list[PromptRow]:
+        if self._eval is None:
+            limit = self.s.learner.eval_prompts or None
+            self._eval = list(eval_rows(self.s.learner.eval_dataset, limit=limit))
+        return self._eval
+
+    async def enqueue_eval(self, step: int) -> int:
+        """Put the eval prompts of the round of ``step`` on the prompts stream (ahead of none: after the
+        training prompts already queued). Returns how many."""
+        rows = self.eval_set()
+        pairs = [(self.eval_task_id(step, i), row) for i, row in enumerate(rows)]
+        await enqueue(self.streams, self.keys, pairs, self.s.pipeline.prompts_maxlen, task=self.s.task)
+        return len(pairs)
 
     async def restore(self, checkpoint_cursor: int = 0) -> str:
         """Set the cursor where this run's feeding stopped (see the module docstring): the furthest of the
@@ -92,7 +116,7 @@ class PromptFeeder:
             self._rows = dataset_rows(self.s.learner.dataset, self.s.learner.seed, start=self.cursor)
         rows = itertools.islice(self._rows, missing)
         pairs = [(self.task_id(self.cursor + i), row) for i, row in enumerate(rows)]
-        await enqueue(self.streams, self.keys, pairs, self.s.pipeline.prompts_maxlen)
+        await enqueue(self.streams, self.keys, pairs, self.s.pipeline.prompts_maxlen, task=self.s.task)
         self.cursor += len(pairs)
         cursor = {"position": self.cursor, "source": self.s.learner.dataset}
         redis = self.streams.redis

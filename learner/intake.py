@@ -9,6 +9,8 @@
   groups that must be trained in this step or never: admitted at version ``step − K`` and still being
   generated (``common/admission.py``, the open admissions). Groups staler than K and duplicates (a group
   id already trained) are dropped and counted;
+- eval groups (``learner/evaluation.py``) are counted like the others and handed to the evaluator, never
+  trained;
 - every entry taken, dropped or not, counts in ``consumed`` and is acked later with the checkpoint of the
   step it was taken for (``learner.publisher``). A well-formed group the learner dead-letters (another
   model, token ids outside the vocabulary; an entry deleted while pending) had been admitted: it counts in
@@ -36,6 +38,7 @@ from common.keys import LEARNER_GROUP, RunKeys
 from common.streams import Entry, StreamClient
 from common.wire import RolloutGroup
 from learner.batching import BadRollout, TakenGroup, decode_entry
+from learner.evaluation import Evaluator
 from learner.state import LearnerState
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ class TakenBatch:
     # group ids dropped as too stale (accounting: nothing is silently lost)
     stale_ids: list[str] = field(default_factory=list)
     dead: int = 0  # dead-lettered well-formed entries counted with this batch
+    evals: int = 0  # eval groups taken off the stream with this batch (not trained)
     urgent_wait_s: float = 0.0  # time spent waiting for groups that would turn stale after this step
 
 
@@ -148,8 +152,10 @@ class Intake:
         fingerprint: str,
         vocab_size: int,
         trained_ids: Mapping[str, int] | Iterable[str],
+        evaluator: Evaluator | None = None,
     ):
         self.s, self.streams, self.keys, self.state = settings, streams, keys, state
+        self.evaluator = evaluator  # eval groups are counted and handed to it, never trained
         self.fingerprint, self.vocab_size = fingerprint, vocab_size
         p = settings.pipeline
         self.window = dedup_window_steps(p.batch_groups, settings.learner.publish_every, p.max_staleness)
@@ -303,6 +309,12 @@ class Intake:
             if isinstance(item, DeadRollout):
                 self._count(item.entry_id, taken)
                 taken.dead += 1
+                counted = True
+                continue
+            if self.evaluator is not None and self.evaluator.is_eval(item.group_id):
+                self._count(item.entry_id, taken)  # consumed (slot released), acked with the checkpoint
+                taken.evals += 1
+                self.evaluator.record(item.group)
                 counted = True
                 continue
             self.buffer.append((next(self._arrivals), item))

@@ -1,5 +1,6 @@
 """Per-step metrics: one JSON object per line in RUN_DIR/metrics.jsonl (flushed each line), a rich
-progress line on a TTY, and TensorBoard events when enabled and importable."""
+progress line on a TTY, TensorBoard events when ``learner.tensorboard`` is on and tensorboard importable, and
+the experiment trackers of ``learner.report_to`` (``learner/tracking.py``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, progress: bool | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = False,
+        progress: bool | None = None,
+        trackers: list | None = None,
+    ):
+        self.trackers = list(trackers or [])
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
@@ -43,6 +51,11 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        for t in self.trackers:
+            try:
+                t.log(record, step)
+            except Exception as e:  # noqa: BLE001 - a tracker hiccup (network) must not stop training
+                log.warning("%s: logging step %d failed: %s: %s", t.name, step, type(e).__name__, e)
         if self._console is not None:
             self._console.print(progress_line(record), highlight=False)
 
@@ -50,6 +63,11 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for t in self.trackers:
+            try:
+                t.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s: closing failed: %s: %s", t.name, type(e).__name__, e)
 
 
 def progress_line(r: dict[str, Any]) -> str:

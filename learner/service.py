@@ -27,6 +27,7 @@ import torch
 
 from common import prom
 from common.config import Settings
+from common.feeder import PromptsFull
 from common.fingerprint import FingerprintError, model_fingerprint
 from common.keys import LEARNER_GROUP, RunKeys
 from common.manifest import CheckpointError, step_dir_name
@@ -46,12 +47,14 @@ from learner.distributed import (
     init_from_env,
     shutdown,
 )
+from learner.evaluation import Evaluator
 from learner.feeder import PromptFeeder
 from learner.intake import Intake, TakenBatch
 from learner.lora import LoraError
 from learner.metrics import MetricsWriter
 from learner.publisher import Publisher
 from learner.state import LearnerState
+from learner.tracking import SampleLog, TrackerError, component_means, open_trackers, sample_rows
 from learner.trainer import Trainer
 from modeling import ModelLoadError, load_model, load_tokenizer, resolve_model_dir
 
@@ -161,6 +164,7 @@ STATED_FAILURES = (
     FingerprintError,
     CheckpointError,
     TaskError,
+    TrackerError,
     RedisUnavailable,
     *RETRYABLE,
 )
@@ -233,17 +237,27 @@ class Learner:
         self.state = LearnerState(
             self.streams, self.keys, settings.pipeline, step, int(counters.get("consumed", 0))
         )
+        lr = settings.learner
+        self.evaluator = Evaluator(settings.run, lr.eval_every) if lr.eval_every else None
         self.intake = Intake(
-            settings, self.streams, self.keys, self.state, fingerprint, vocab_size, trained_ids
+            settings,
+            self.streams,
+            self.keys,
+            self.state,
+            fingerprint,
+            vocab_size,
+            trained_ids,
+            self.evaluator,
         )
         self.feeder = PromptFeeder(settings, self.streams, self.keys, int(counters.get("prompt_cursor", 0)))
+        self.tokenizer = load_tokenizer(model_dir)
         self.publisher = Publisher(
             settings,
             self.streams,
             self.keys,
             ckpt_root(settings),
             trainer,
-            load_tokenizer(model_dir),
+            self.tokenizer,
             fingerprint,
             last_published=step if state else None,
         )
@@ -252,7 +266,16 @@ class Learner:
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
-        self.metrics = MetricsWriter(self.s.run_dir, tensorboard=self.s.learner.tensorboard)
+        lr = self.s.learner
+        try:
+            trackers = open_trackers(
+                lr.report_to, lr.report_project, self.s.run, self.s.redacted(), Path(self.s.run_dir)
+            )
+        except BaseException:
+            await self.redis.aclose()
+            raise
+        self.metrics = MetricsWriter(self.s.run_dir, tensorboard=lr.tensorboard, trackers=trackers)
+        self.samples = SampleLog(self.s.run_dir, trackers)
         self._install_signals()
         if prom.start_metrics_server(self.s.metrics_port):
             log.info("Prometheus metrics on port %d", self.s.metrics_port)
@@ -321,8 +344,30 @@ class Learner:
             # where the loop's time went (gspo up's summary): waiting for rollouts (time/wait_s), training
             # (time/step_s), publishing in the loop (snapshot, and waiting for the previous background write)
             metrics["time/publish_s"] = time.perf_counter() - t_publish
+            await self._observe(taken, metrics)
             metrics["time/iter_s"] = time.perf_counter() - t_iter
             await self._write_metrics(metrics)
+
+    async def _observe(self, taken: TakenBatch, metrics: dict) -> None:
+        """Each reward's own mean, eval rounds (start one when due; report a finished one), sample completions."""
+        step = self.state.step
+        metrics.update(component_means([s for g, _ in taken.groups for s in g.samples]))
+        if taken.evals:
+            metrics["eval/groups_taken"] = taken.evals
+        if self.evaluator is not None:
+            if self.evaluator.due(step):
+                try:
+                    n = await self.feeder.enqueue_eval(step)
+                except PromptsFull as e:
+                    log.warning("eval round of step %d skipped: %s", step, e)
+                else:
+                    self.evaluator.started(step, n)
+                    log.info("eval round of step %d: %d prompts enqueued", step, n)
+            metrics.update(self.evaluator.take_metrics())
+        every = self.s.learner.samples_every
+        if every and step % every == 0:
+            rows = sample_rows(self.tokenizer, step, taken.groups, self.s.learner.samples_groups)
+            await asyncio.to_thread(self.samples.write, rows, step)
 
     async def _idle(self) -> None:
         """Each second ``take`` waits for rollouts: top the prompts up, retry a failed publish when due."""

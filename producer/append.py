@@ -10,11 +10,13 @@ learner's decoder), or not ours any more (another producer reclaimed it while th
 copy is the one that counts).
 
 The reward sees the completion decoded without its final stop token only (any other special token stays in
-the text, so ``"123<pad><bos>"`` is not scored as ``"123"``) and the finish reason in ``meta``.
+the text, so ``"123<pad><bos>"`` is not scored as ``"123"``), cut before a stop string that ended it
+(``producer.sampling.stop``), and the finish reason. Rewards run off the event loop (``producer/rewards.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ from producer.engines.base import Completion, Engine, PromptFailure
 from producer.generate import sampling_from
 from producer.intake import Held
 from producer.metrics import ProducerMetrics
+from producer.rewards import RewardFailure, RewardRunner
 
 if TYPE_CHECKING:
     from producer.intake import Intake
@@ -44,8 +47,11 @@ class Appender:
         engine: Engine,
         metrics: ProducerMetrics,
         intake: Intake,
+        runner: RewardRunner | None = None,
     ):
         self.streams, self.keys, self.id = streams, RunKeys(settings.run), producer_id
+        p = settings.producer
+        self.runner = runner or RewardRunner(p.reward_threads, p.reward_timeout_s)
         self.tokenizer, self.engine, self.metrics, self.intake = tokenizer, engine, metrics, intake
         self.sampling = sampling_from(settings)  # recorded in each group
         self.maxlen = settings.pipeline.rollouts_maxlen
@@ -62,13 +68,19 @@ class Appender:
         self, batch: list[Held], results: list[list[Completion] | PromptFailure], gen_s: float
     ) -> None:
         ready: list[tuple[Held, RolloutGroup, bytes]] = []
-        for h, result in zip(batch, results, strict=True):
+        scored = await asyncio.gather(  # every group's rewards at once, off the event loop
+            *(
+                self._score(h, r, gen_s) if not isinstance(r, PromptFailure) else _none()
+                for h, r in zip(batch, results, strict=True)
+            )
+        )
+        for h, result, group in zip(batch, results, scored, strict=True):
             if isinstance(result, PromptFailure):
                 await self.intake.dead_admitted(h, result.reason, result.detail)
                 continue
-            group = await self._score(h, result, gen_s)
-            if group is None:
-                continue  # dead-lettered
+            if isinstance(group, RewardFailure):
+                await self.intake.dead_admitted(h, "reward_error", str(group))
+                continue
             payload = await self._checked(h, group)
             if payload is not None:
                 ready.append((h, group, payload))
@@ -109,23 +121,30 @@ class Appender:
         return payload
 
     def reward_text(self, c: Completion) -> str:
-        """The completion as the reward sees it: without its final stop token, every other token kept."""
+        """The completion as the reward sees it: without its final stop token, every other token kept, and cut
+        before the first stop string (``producer.sampling.stop``) of a completion that stopped."""
         ids = [int(x) for x in c.token_ids]
         if c.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if c.finish_reason == "stop" and self.sampling.stop:
+            cut = min((i for i in (text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        return text
 
-    async def _score(self, h: Held, comps: list[Completion], gen_s: float) -> RolloutGroup | None:
+    async def _score(self, h: Held, comps: list[Completion], gen_s: float) -> RolloutGroup | RewardFailure:
+        texts = [self.reward_text(c) for c in comps]
+        ids = [[int(x) for x in c.token_ids] for c in comps]
+        reasons = [c.finish_reason for c in comps]
+        try:
+            scored = await self.runner.score(h.task, h.rewards, texts, ids, reasons)
+        except RewardFailure as e:
+            return e
         samples = []
-        for c in comps:
-            meta = dict(h.task.meta, finish_reason=c.finish_reason)  # a copy: rewards may keep or change it
-            try:
-                reward = float(h.reward(self.reward_text(c), meta))
-            except Exception as e:  # noqa: BLE001 - user reward code: per-message boundary (dead letter + ack)
-                await self.intake.dead_admitted(h, "reward_error", f"{type(e).__name__}: {e}")
-                return None
+        for c, total, parts in zip(comps, scored.totals, scored.parts, strict=True):
             versions = (c.version_start, c.version_end, c.version_spans)  # the weights each token came from
-            samples.append(Sample(c.token_ids, c.logprobs, reward, c.finish_reason, *versions))
+            samples.append(Sample(c.token_ids, c.logprobs, total, c.finish_reason, *versions, rewards=parts))
         s = self.sampling
         return RolloutGroup(
             group_id=h.task.task_id,
@@ -147,3 +166,7 @@ class Appender:
         for g in done:
             m.samples_total += len(g.samples)
             m.tokens_total += sum(int(s.completion_ids.size) for s in g.samples)
+
+
+async def _none() -> None:
+    return None

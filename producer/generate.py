@@ -41,7 +41,12 @@ DETAIL_CHARS = 300  # a failure's detail is one line of at most this many charac
 def sampling_from(settings: Settings) -> SamplingParams:
     s = settings.producer.sampling
     return SamplingParams(
-        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        stop_token_ids=tuple(s.stop_token_ids),
+        stop=tuple(s.stop),
     )
 
 

@@ -28,9 +28,10 @@ from common.admission import Admitter, close_keys
 from common.config import Settings
 from common.keys import PRODUCERS_GROUP, RunKeys
 from common.streams import Entry, StreamClient
-from common.tasks import RewardFn, TaskError, get_reward
+from common.tasks import TaskError
 from common.wire import PromptTask, WireError, decode
 from producer.metrics import ProducerMetrics
+from producer.rewards import Reward, rewards_of
 
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 500  # short enough that a drain request is noticed quickly
@@ -43,7 +44,7 @@ class Held:
     entry: Entry  # the original stream entry (its bytes go to the dead-letter stream if scoring fails)
     task: PromptTask
     prompt_ids: list[int]
-    reward: RewardFn = field(repr=False)
+    rewards: list[Reward] = field(repr=False)
 
 
 class Intake:
@@ -171,21 +172,33 @@ class Intake:
             return None
         try:
             task = decode(entry.payload, PromptTask)
-            reward = get_reward(task.task)
+            rewards = rewards_of(task)
         except WireError as e:
             return await self.dead(entry, e.reason, str(e))
         except TaskError as e:
             return await self.dead(entry, "unknown_reward", str(e))
-        ids = [int(x) for x in task.prompt_ids] if task.prompt_ids.size else self._tokenize(task.prompt)
+        try:
+            ids = [int(x) for x in task.prompt_ids] if task.prompt_ids.size else self._tokenize(task)
+        except Exception as e:  # noqa: BLE001 - user data: a chat prompt the template refuses, no template, ...
+            return await self.dead(entry, "bad_prompt", f"task {task.task_id}: {type(e).__name__}: {e}")
         if not ids:
             return await self.dead(
                 entry, "empty_prompt", f"task {task.task_id}: prompt tokenises to no tokens"
             )
-        return Held(entry, task, ids, reward)
+        return Held(entry, task, ids, rewards)
 
-    def _tokenize(self, prompt: str) -> list[int]:
-        # plain text, no chat template and no special tokens: the reference task's prompts are raw strings
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+    def _tokenize(self, task: PromptTask) -> list[int]:
+        """A text prompt as the tokenizer encodes it (its default special tokens unless the task says); chat
+        messages through the tokenizer's chat template with ``add_generation_prompt=True``."""
+        from modeling.chat import render_prompt
+
+        if task.messages:
+            return render_prompt(
+                self.tokenizer, list(task.messages), chat_template_kwargs=task.chat_template_kwargs
+            )
+        if not task.prompt:
+            return []
+        return render_prompt(self.tokenizer, task.prompt, add_special_tokens=task.add_special_tokens)
 
     async def dead_admitted(self, h: Held, reason: str, detail: str) -> bool:
         """Dead-letter an admitted prompt (its original bytes and the reason), ack it and release its admission

@@ -104,6 +104,7 @@ class Producer:
             await _supervise(stages, background, self.finished)
         finally:
             exporter.close()
+            self.appender.runner.close()
             await self.heartbeat.remove()
         log.info("producer %s done: %s", self.id, self.metrics)
         return self.metrics

@@ -36,7 +36,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
     max_new_tokens: int = 16
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
+    stop: tuple[str, ...] = ()  # stop strings: the completion ends with the token that completes one
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from common.fingerprint import model_fingerprint
 from modeling import load_model, load_tokenizer
@@ -68,6 +68,47 @@ def _global_generation_defaults() -> dict:
     """transformers' neutral generation defaults (5.x keeps them apart from GenerationConfig(), whose fields are None)."""
     get = getattr(GenerationConfig, "_get_default_generation_params", None)
     return dict(get()) if get is not None else {}
+
+
+class StopStrings:
+    """Finds stop strings (``SamplingParams.stop``) in the decoded text of a completion, one token at a time.
+
+    ``hit(ids)`` is asked after each new token: does a stop string occur in the text of the last
+    ``longest stop string + 1`` tokens? Every token decodes to at least one character, so a stop string that
+    the newest token completes lies within that tail, and asked at every step the first hit is the token that
+    completed it (the completion ends there, that token kept)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.window = max(len(s) for s in self.stops) + 1
+
+    def hit(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids[-self.window :], skip_special_tokens=False)
+        return any(s in text for s in self.stops)
+
+    def first_end(self, ids: list[int]) -> int | None:
+        """The length of ``ids`` up to and including the token that completes the first stop string, or None."""
+        if not any(s in self.tokenizer.decode(ids, skip_special_tokens=False) for s in self.stops):
+            return None
+        for t in range(len(ids)):
+            if self.hit(ids[: t + 1]):
+                return t + 1
+        return None
+
+
+class _StopStringCriteria(StoppingCriteria):
+    """``model.generate``'s stopping criterion for stop strings: records where each row first hit one."""
+
+    def __init__(self, stopper: StopStrings, prompt_width: int, rows: int):
+        self.stopper, self.width = stopper, prompt_width
+        self.ends: list[int | None] = [None] * rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        gen = input_ids[:, self.width :].tolist()
+        for i, row in enumerate(gen):
+            if self.ends[i] is None and self.stopper.hit(row):
+                self.ends[i] = len(row)
+        return torch.tensor([e is not None for e in self.ends], dtype=torch.bool, device=input_ids.device)
 
 
 class UnsupportedModel(EngineError):
@@ -241,10 +282,11 @@ class HFEngine(Engine):
         stop_ids = tuple(dict.fromkeys(self.eos_ids + tuple(sampling.stop_token_ids)))
         rows = [p for p in prompts for _ in range(n)]  # each prompt's n samples in a row
         sample = self._sample_loop if self.decode == "loop" else self._sample
+        stopper = StopStrings(self.tokenizer, sampling.stop) if sampling.stop else None
         with self._lock:
             version = self.version
-            new_ids, logprobs = sample(rows, sampling, stop_ids)
-        flat = self._completions(new_ids, logprobs, stop_ids, version)
+            new_ids, logprobs, str_ends = sample(rows, sampling, stop_ids, stopper)
+        flat = self._completions(new_ids, logprobs, stop_ids, version, str_ends)
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     # ---------------------------------------------------------- the decode loop
@@ -262,10 +304,16 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def _sample_loop(
-        self, rows: list[list[int]], s: SamplingParams, stop_ids: tuple[int, ...]
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        rows: list[list[int]],
+        s: SamplingParams,
+        stop_ids: tuple[int, ...],
+        stopper: StopStrings | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
         """Prefill once, then one cached forward per token. Stopped rows leave the batch (their cache rows
-        are dropped) once at most COMPACT_AT of it is still running, so compute follows the rows still running."""
+        are dropped) once at most COMPACT_AT of it is still running, so compute follows the rows still running.
+        With stop strings, each running row's text is checked after every token (``StopStrings``); the third
+        result is, per row, the length at which a stop string ended it (None: it did not)."""
         dev = self.device
         ids, mask = left_pad(rows, self.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
@@ -280,6 +328,7 @@ class HFEngine(Engine):
         lps = torch.zeros((n_rows, steps), dtype=torch.float32, device=dev)
         slot_row = torch.arange(n_rows, device=dev)  # batch slot -> row of `new`
         done = torch.zeros(n_rows, dtype=torch.bool, device=dev)  # per slot
+        str_ends: list[int | None] = [None] * n_rows
         cache = DynamicCache()
         logits = self._forward(ids, mask, pos, cache, 0)
         t = 0
@@ -289,6 +338,13 @@ class HFEngine(Engine):
             new[slot_row, t] = tok
             lps[slot_row, t] = lp
             done |= torch.isin(tok, stops)
+            if stopper is not None:
+                lo = max(0, t + 1 - stopper.window)
+                for slot in (~done).nonzero().squeeze(1).tolist():
+                    row = int(slot_row[slot])
+                    if stopper.hit(new[row, lo : t + 1].tolist()):
+                        str_ends[row] = t + 1
+                        done[slot] = True
             if t + 1 == steps:
                 break
             running = int((~done).sum())
@@ -300,7 +356,7 @@ class HFEngine(Engine):
                 att, next_pos, slot_row, tok, done = (x[keep] for x in (att, next_pos, slot_row, tok, done))
             logits = self._forward(tok[:, None], att[:, : width + t + 1], next_pos, cache, width + t)
             next_pos += 1
-        return new[:, : t + 1].cpu().numpy(), lps[:, : t + 1].cpu().numpy()
+        return new[:, : t + 1].cpu().numpy(), lps[:, : t + 1].cpu().numpy(), str_ends
 
     @torch.inference_mode()
     def _probe_loop(self) -> None:
@@ -373,13 +429,19 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def _sample(
-        self, rows: list[list[int]], s: SamplingParams, stop_ids: tuple[int, ...]
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        rows: list[list[int]],
+        s: SamplingParams,
+        stop_ids: tuple[int, ...],
+        stopper: StopStrings | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
         ids, mask = left_pad(rows, self.pad_id)
+        criteria = _StopStringCriteria(stopper, ids.shape[1], len(rows)) if stopper is not None else None
         out = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             generation_config=self._generation_config(s, stop_ids),
+            stopping_criteria=StoppingCriteriaList([criteria]) if criteria is not None else None,
         )
         new = out.sequences[:, ids.shape[1] :]  # (R, T)
         # one step at a time: a (R, T, V) float tensor would be large for real vocabularies
@@ -390,18 +452,27 @@ class HFEngine(Engine):
             for t, logits in enumerate(out.logits)
         ]  # T x (R,)
         lps = torch.stack(steps, dim=1)  # (R, T)
-        return new.cpu().numpy(), lps.cpu().numpy().astype(np.float32)
+        str_ends = criteria.ends if criteria is not None else [None] * len(rows)
+        return new.cpu().numpy(), lps.cpu().numpy().astype(np.float32), str_ends
 
     @staticmethod
     def _completions(
-        ids: np.ndarray, lps: np.ndarray, stop_ids: tuple[int, ...], version: int
+        ids: np.ndarray,
+        lps: np.ndarray,
+        stop_ids: tuple[int, ...],
+        version: int,
+        str_ends: list[int | None] | None = None,
     ) -> list[Completion]:
         """One completion per row of ``ids`` (R, T): up to and including its first stop id (kept, with its
-        log-prob: the learner trains on it), "stop"; or all T tokens, "length". Padding after a stop is dropped."""
+        log-prob: the learner trains on it) or the token that completed a stop string (``str_ends``), "stop";
+        or all T tokens, "length". Padding after a stop is dropped."""
         ids, lps = ids.astype(np.int32, copy=False), lps.astype(np.float32, copy=False)
         hit = np.isin(ids, stop_ids)
         stopped = hit.any(axis=1)
         ends = np.where(stopped, hit.argmax(axis=1) + 1, ids.shape[1])
+        for i, end in enumerate(str_ends or ()):
+            if end is not None and (not stopped[i] or end < ends[i]):
+                stopped[i], ends[i] = True, end
         return [
             Completion(
                 ids[i, :end].copy(), lps[i, :end].copy(), "stop" if stop else "length", version, version

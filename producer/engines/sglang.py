@@ -531,6 +531,8 @@ class SGLangEngine(Engine):
         }
         if s.stop_token_ids:
             params["stop_token_ids"] = list(s.stop_token_ids)
+        if s.stop:  # the server ends a sample at the token completing one; its output_ids keep that token
+            params["stop"] = list(s.stop)
         return {
             "input_ids": prompts,
             "sampling_params": params,

@@ -163,7 +163,8 @@ class FakeSGLang:
             max_new = min([max_new] + [self.max_req_len - len(p) - 1 for p in body["input_ids"]])
         sampling = SamplingParams(temperature=sp.get("temperature", 1.0), top_p=sp.get("top_p", 1.0),
                                   top_k=sp.get("top_k", -1), max_new_tokens=max_new,
-                                  stop_token_ids=tuple(sp.get("stop_token_ids") or ()))  # fmt: skip
+                                  stop_token_ids=tuple(sp.get("stop_token_ids") or ()),
+                                  stop=tuple(sp.get("stop") or ()))  # fmt: skip
         groups = self.engine.generate_sync(body["input_ids"], sp.get("n", 1), sampling)
         top_n = int(body.get("top_logprobs_num") or 0)
         items = [self._item(c, p, sampling.temperature, top_n)
@@ -267,7 +268,7 @@ def _check_generate(body: Any) -> str | None:
     if body.get("return_logprob") is not True or body.get("logprob_start_len") != -1:
         return "return_logprob must be true and logprob_start_len -1"
     sp = body.get("sampling_params")
-    allowed = {"n", "temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids"}
+    allowed = {"n", "temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "stop"}
     if not isinstance(sp, dict) or set(sp) - allowed:
         return f"sampling_params must be an object with keys from {sorted(allowed)}"
     return None
