@@ -28,6 +28,13 @@ RedisUrlOpt = typer.Option(
 LogLevelOpt = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR")
 
 
+def split_list(value: str | None) -> list[str] | None:
+    """A comma-separated flag value as a list (None stays None: the flag was not given)."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def fail(msg: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt, prepare
+from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt, prepare, split_list
 
 
 def learner(
@@ -38,7 +38,12 @@ def learner(
         None, "--proximal", help="recompute | behaviour (ablation: ratio on engine log-probs)"
     ),
     dataset: str = typer.Option(
-        None, "--dataset", help="prompts to keep queued: 'addition', a JSONL path, or '' (none)"
+        None,
+        "--dataset",
+        help="prompts to keep queued: 'addition', a JSONL or Parquet path, hf:NAME_OR_DIR (options after '?'), or '' (none)",
+    ),
+    report_to: str = typer.Option(
+        None, "--report-to", help="experiment trackers, comma-separated: wandb, mlflow, trackio, tensorboard"
     ),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus port (0 = off)"),
@@ -62,6 +67,7 @@ def learner(
         "loss.proximal": proximal,
         "learner.dataset": dataset,
         "learner.threads": threads,
+        "learner.report_to": split_list(report_to),
     }
     settings = prepare(config, overrides, service="learner")
     from learner.service import main  # heavy: torch / transformers

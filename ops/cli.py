@@ -12,7 +12,17 @@ from pathlib import Path
 
 import typer
 
-from gspo.context import ConfigOpt, LogLevelOpt, RedisUrlOpt, RunDirOpt, RunOpt, fail, prepare, settings_from
+from gspo.context import (
+    ConfigOpt,
+    LogLevelOpt,
+    RedisUrlOpt,
+    RunDirOpt,
+    RunOpt,
+    fail,
+    prepare,
+    settings_from,
+    split_list,
+)
 
 log = logging.getLogger("gspo.up")
 
@@ -48,6 +58,15 @@ def up(
         "--model",
         help="HF model dir or hub id (local cache only) [default: the reference task's tiny model]",
     ),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        help="the learner's prompts: a JSONL or Parquet path, hf:NAME_OR_DIR (options after '?') "
+        "[default: learner.dataset, the addition task]",
+    ),
+    report_to: str = typer.Option(
+        None, "--report-to", help="experiment trackers, comma-separated: wandb, mlflow, trackio, tensorboard"
+    ),
     redis_url: str = RedisUrlOpt,
     run: str = RunOpt,
     max_staleness: int = typer.Option(None, "--max-staleness", "-K"),
@@ -76,6 +95,8 @@ def up(
         "run": run,
         "log_level": log_level,
         "pipeline.max_staleness": max_staleness,
+        "learner.dataset": dataset,
+        "learner.report_to": split_list(report_to),
     }
     from common.redis_conn import running_embedded, stop_embedded
 
@@ -106,8 +127,14 @@ def _up(settings, config, producers, max_steps, minutes, model, warmstart_reward
         raise fail(str(e)) from None
     if not (model_dir / "config.json").exists():
         raise fail(f"model directory {model_dir} does not exist or has no config.json")
+    source = settings.learner.dataset.partition("?")[0]
+    if source and source != "addition" and not source.startswith("hf:") and not Path(source).exists():
+        raise fail(f"dataset {source} (learner.dataset / --dataset) does not exist")
     # K and B go to the learner alone: producers take them from the learner-state hash it publishes
     learner_args = ["--max-staleness", str(settings.pipeline.max_staleness)]
+    learner_args += ["--dataset", settings.learner.dataset]  # --dataset or the config's
+    if settings.learner.report_to:
+        learner_args += ["--report-to", ",".join(settings.learner.report_to)]
     if fresh:  # before any process starts: no producer may read the old announcement or admission count
         from learner.reuse import wipe
 

@@ -11,11 +11,20 @@ AXES = ("step", "time/elapsed_s", "time/unix")  # x axes every metrics.jsonl row
 
 PANELS = (
     ("reward/mean", "mean reward"),
+    ("eval/reward", "eval reward (learner.eval_dataset)"),
     ("gspo/clip_frac", "clip fraction"),
     ("is/ess", "IS effective sample size (normalised)"),
     ("throughput/tokens_per_s", "learner tokens/s"),
     ("staleness/mean", "mean staleness"),
 )
+SPARSE = ("eval/reward",)  # a value every few steps: drawn as points joined, no rolling mean
+NOT_COMPONENTS = ("reward/mean", "reward/std")
+
+
+def reward_components(rows: list[dict]) -> list[str]:
+    """The ``reward/<name>`` keys of the rewards of ``task.rewards`` (each reward's own mean)."""
+    keys = {k for r in rows for k in r if k.startswith("reward/") and k not in NOT_COMPONENTS}
+    return sorted(keys)
 
 
 SMOOTH = 20  # steps in the rolling mean drawn over the raw (faint) curve
@@ -57,18 +66,38 @@ def plot_runs(run_dirs: list[Path], out: Path, x_key: str = "step", labels: list
     if x_key not in AXES:
         raise ValueError(f"unknown x axis {x_key!r}: use one of {', '.join(AXES)}")
     labels = labels or [d.name for d in run_dirs]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     runs = [read_metrics(d / "metrics.jsonl") for d in run_dirs]
     for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
         for i, (rows, label) in enumerate(zip(runs, labels, strict=True)):
             xs, ys = _series(rows, key, x_key)
             if xs:
                 color = f"C{i}"
+                if key in SPARSE:
+                    ax.plot(xs, ys, color=color, lw=1.2, marker="o", ms=3, label=label)
+                    continue
                 ax.plot(xs, ys, color=color, lw=0.6, alpha=0.3)
                 ax.plot(xs, rolling_mean(ys, SMOOTH), color=color, lw=1.6, label=label)
         ax.set_title(title)
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
+    ax = axes.flat[len(PANELS)]
+    styles = ("-", "--", ":", "-.")
+    for i, (rows, label) in enumerate(zip(runs, labels, strict=True)):
+        for j, key in enumerate(reward_components(rows)):
+            xs, ys = _series(rows, key, x_key)
+            name = key.removeprefix("reward/")
+            ax.plot(
+                xs,
+                rolling_mean(ys, SMOOTH),
+                color=f"C{j}",
+                ls=styles[i % 4],
+                lw=1.4,
+                label=f"{label}: {name}",
+            )
+    ax.set_title("each reward (task.rewards), rolling mean")
+    ax.set_xlabel(x_key)
+    ax.grid(alpha=0.3)
     ax = axes.flat[-1]
     width = 0.8 / max(len(runs), 1)
     for i, (rows, label) in enumerate(zip(runs, labels, strict=True)):
@@ -202,6 +231,11 @@ def summarize(run_dir: Path, since_offset: int | None = None, since_unix: float 
         "staleness_mean": avg("staleness/mean", rows),
         "dropped_stale": sum(int(r.get("staleness/dropped", 0) or 0) for r in rows),
     }
+    evals = [r for r in rows if isinstance(r.get("eval/reward"), (int, float))]
+    if evals:
+        out["eval_reward_first"] = round(evals[0]["eval/reward"], 4)
+        out["eval_reward_last"] = round(evals[-1]["eval/reward"], 4)
+        out["eval_rounds"] = len(evals)
     part = rows
     if since_offset is not None:
         part = tail_metrics(path, since_offset)[0]
@@ -230,6 +264,10 @@ def format_summary(s: dict) -> str:
         + f"; reward {s['reward_start']} -> {s['reward_end']}; {s['tokens_per_s']} tok/s; gspo/clip_frac "
         f"{s['gspo/clip_frac']}; staleness {s['staleness_mean']} (dropped {s['dropped_stale']})"
     ]
+    if s.get("eval_rounds"):
+        lines.append(
+            f"eval reward {s['eval_reward_first']} -> {s['eval_reward_last']} ({s['eval_rounds']} eval rounds)"
+        )
     this = s.get("this")
     if this is not None:
         if this["steps"]:

@@ -54,3 +54,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_threads() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# A chat template in the tiny model's vocabulary (digits, + =, space, a-z, and the <s> </s> specials)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant {% endif %}"
+    "{% if enable_thinking is defined and not enable_thinking %}nothink {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a chat template on its tokenizer (saved with it), as an instruct model has."""
+    from modeling import build_tiny_model, load_tokenizer
+
+    out = build_tiny_model(tmp_path_factory.mktemp("chat-model"), seed=0)
+    tok = load_tokenizer(out)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
