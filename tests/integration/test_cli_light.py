@@ -205,3 +205,106 @@ def test_prompts_load_never_trims_undelivered_prompts_and_refuses_past_capacity(
         len(lines) == 1 and "holds 1000 entries; 5 more would exceed pipeline.prompts_maxlen=1000" in lines[0]
     )
     assert len(stream_tasks(redis_url, run_id)) == 1000
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": "What is 2+3?"}], "solution": "5"},
+    {
+        "messages": [{"role": "system", "content": "Use LaTeX."}, {"role": "user", "content": "Half of 1?"}],
+        "solution": "\\frac{1}{2}",
+    },
+]
+TASK_TOML = """
+[task]
+system_prompt = "Answer in \\\\boxed{}."
+[task.chat_template_kwargs]
+enable_thinking = false
+[[task.rewards]]
+function = "math_verify"
+name = "correct"
+[[task.rewards]]
+function = "tests.support.rewards:only_named"
+name = "length"
+weight = -0.01
+"""
+
+
+def _check_chat_tasks(tasks: list[PromptTask]) -> None:
+    assert [t.prompt for t in tasks] == ["", ""]
+    assert tasks[0].messages == (
+        {"role": "system", "content": "Answer in \\boxed{}."},
+        {"role": "user", "content": "What is 2+3?"},
+    )
+    assert tasks[1].messages[0] == {"role": "system", "content": "Use LaTeX."}  # the row's own system message
+    assert [t.meta["answer"] for t in tasks] == ["5", "\\frac{1}{2}"]
+    assert all(t.chat_template_kwargs == {"enable_thinking": False} for t in tasks)
+    assert all(
+        t.rewards == (("correct", "math_verify", 1.0), ("length", "tests.support.rewards:only_named", -0.01))
+        for t in tasks
+    )
+
+
+@pytest.mark.redis
+def test_prompts_load_takes_chat_prompts_from_parquet_and_hf_dirs_with_the_task_config(
+    tmp_path, redis_url, run_id
+):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = tmp_path / "task.toml"
+    cfg.write_text(TASK_TOML)
+    pq.write_table(pa.Table.from_pylist(CHAT_ROWS), tmp_path / "chat.parquet")
+    spec = f"{tmp_path / 'chat.parquet'}?columns=prompt:messages,answer:solution"
+    r = gspo("prompts", "load", spec, "-c", str(cfg), "--redis-url", redis_url, "--run", run_id, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    tasks = stream_tasks(redis_url, run_id)
+    _check_chat_tasks(tasks)
+
+    datasets.Dataset.from_list(CHAT_ROWS).save_to_disk(str(tmp_path / "hfdir"))
+    spec = f"hf:{tmp_path / 'hfdir'}?columns=prompt:messages,answer:solution"
+    r = gspo("prompts", "load", spec, "-c", str(cfg), "--redis-url", redis_url, "--run", run_id, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    more = stream_tasks(redis_url, run_id)[2:]
+    _check_chat_tasks(more)
+    assert {t.task_id for t in more}.isdisjoint(t.task_id for t in tasks)
+    again = gspo(
+        "prompts", "load", spec, "-c", str(cfg), "--redis-url", redis_url, "--run", run_id, cwd=tmp_path
+    )
+    assert [t.task_id for t in stream_tasks(redis_url, run_id)[4:]] == [
+        t.task_id for t in more
+    ]  # same rows, same ids
+    assert again.returncode == 0
+
+
+@pytest.mark.redis
+def test_prompts_load_refuses_a_reward_it_cannot_resolve_and_a_system_prompt_for_text(
+    tmp_path, redis_url, run_id
+):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[task.rewards]]\nfunction = "no_such_module:f"\n')
+    r = gspo(
+        "prompts", "load", str(data), "-c", str(bad), "--redis-url", redis_url, "--run", run_id, cwd=tmp_path
+    )
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: task.rewards (f): reward 'no_such_module:f' cannot be imported")
+    sys_cfg = tmp_path / "sys.toml"
+    sys_cfg.write_text('[task]\nsystem_prompt = "be brief"\n')
+    r = gspo(
+        "prompts",
+        "load",
+        str(data),
+        "-c",
+        str(sys_cfg),
+        "--redis-url",
+        redis_url,
+        "--run",
+        run_id,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert "task.system_prompt applies to chat prompts" in line
+    assert stream_tasks(redis_url, run_id) == []  # nothing half-loaded
