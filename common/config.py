@@ -336,7 +336,7 @@ class LearnerSettings(_Section):
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0 = torch default)")
     dataset: str = Field(
         "addition",
-        description="prompt source the learner keeps queued: a task name or a JSONL path; '' = none",
+        description="prompt source the learner keeps queued: 'addition', a JSONL or Parquet path, or hf:NAME_OR_DIR, with ?split=&columns=&task=&shuffle= options (README: bring your own model and task); '' = none",
     )
     prompts_ahead: int = Field(4, ge=1, description="keep this many batches' worth of prompts queued")
     tensorboard: bool = Field(False, description="also write TensorBoard events (when installed)")

@@ -4,8 +4,9 @@ learner takes their groups off the rollouts stream without training them.
 
 An eval prompt's task id is ``{run}-eval-{step:09d}-{i:06d}`` (the step that started its round). The intake
 counts each eval group as consumed (its admission slot is released) and acks it with the next checkpoint,
-then hands it here. A round is reported in the metrics row of the step at which its last group arrived, or,
-if some never do (a prompt dead-lettered), when the next round starts, with what it has:
+then hands it here. A round is reported in the metrics row of the step at which its last group arrived; one
+whose groups do not all arrive (a prompt dead-lettered) is reported with what it has once a later round is
+complete, or once more than ``MAX_OPEN`` rounds are open:
 
 - ``eval/reward``: mean reward over every sampled completion of the round (G per prompt);
 - ``eval/reward/<name>``: each reward's own mean, with several rewards (``task.rewards``);
@@ -29,6 +30,7 @@ from common.wire import RolloutGroup
 from learner.tracking import component_means
 
 log = logging.getLogger(__name__)
+MAX_OPEN = 4  # rounds waiting for groups; an older one is then reported with what it has
 
 
 @dataclass
@@ -66,11 +68,10 @@ class Evaluator:
         return self.every > 0 and step > 0 and step % self.every == 0
 
     def started(self, step: int, prompts: int) -> None:
-        """A round of ``prompts`` eval prompts was enqueued at ``step``; earlier unfinished rounds are reported
-        with what they have."""
-        for s in sorted(self.rounds):
-            self.ready.append(self.rounds.pop(s))
+        """A round of ``prompts`` eval prompts was enqueued at ``step``."""
         self.rounds[step] = Round(step, prompts)
+        while len(self.rounds) > MAX_OPEN:
+            self.ready.append(self.rounds.pop(min(self.rounds)))
 
     def is_eval(self, group_id: str) -> bool:
         return group_id.startswith(self.prefix)
@@ -81,14 +82,14 @@ class Evaluator:
         if rnd is None:
             return  # a round this process did not start (before a restart) or already reported
         rnd.groups.append(group)
-        if len(rnd.groups) >= rnd.prompts:
-            self.ready.append(self.rounds.pop(rnd.step))
+        if len(rnd.groups) >= rnd.prompts:  # complete: report it, and the older rounds with what they have
+            for s in sorted(s for s in self.rounds if s <= rnd.step):
+                self.ready.append(self.rounds.pop(s))
 
     def take_metrics(self) -> dict[str, Any]:
-        """The newest finished round's metrics (older finished ones are logged), or {}."""
-        if not self.ready:
-            return {}
-        done, self.ready = self.ready, []
+        """The newest reported round's metrics (older ones reported at the same time are logged), or {}."""
+        done = [r for r in self.ready if r.groups]
+        self.ready = []
         for r in done[:-1]:
             log.info("eval round of step %d: %s", r.step, r.metrics())
-        return done[-1].metrics()
+        return done[-1].metrics() if done else {}
