@@ -4,9 +4,9 @@ learner takes their groups off the rollouts stream without training them.
 
 An eval prompt's task id is ``{run}-eval-{step:09d}-{i:06d}`` (the step that started its round). The intake
 counts each eval group as consumed (its admission slot is released) and acks it with the next checkpoint,
-then hands it here. A round is reported in the metrics row of the step at which its last group arrived; one
-whose groups do not all arrive (a prompt dead-lettered) is reported with what it has once a later round is
-complete, or once more than ``MAX_OPEN`` rounds are open:
+then hands it here. A round is reported in the metrics row of the step at which its last group arrived (or the
+next row, when two rounds finish at once); one whose groups do not all arrive (a prompt dead-lettered) is
+reported with what it has once a later round is complete, or once more than ``MAX_OPEN`` rounds are open:
 
 - ``eval/reward``: mean reward over every sampled completion of the round (G per prompt);
 - ``eval/reward/<name>``: each reward's own mean, with several rewards (``task.rewards``);
@@ -21,7 +21,6 @@ started before it are counted and acked but not reported.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,6 @@ from typing import Any
 from common.wire import RolloutGroup
 from learner.tracking import component_means
 
-log = logging.getLogger(__name__)
 MAX_OPEN = 4  # rounds waiting for groups; an older one is then reported with what it has
 
 
@@ -87,9 +85,7 @@ class Evaluator:
                 self.ready.append(self.rounds.pop(s))
 
     def take_metrics(self) -> dict[str, Any]:
-        """The newest reported round's metrics (older ones reported at the same time are logged), or {}."""
-        done = [r for r in self.ready if r.groups]
-        self.ready = []
-        for r in done[:-1]:
-            log.info("eval round of step %d: %s", r.step, r.metrics())
-        return done[-1].metrics() if done else {}
+        """The metrics of the oldest reported round not yet returned (one per step row: two rounds finishing at
+        once are in two successive rows), or {}. A round closed without any group has no row."""
+        self.ready = [r for r in self.ready if r.groups]
+        return self.ready.pop(0).metrics() if self.ready else {}
