@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import random
@@ -150,6 +151,15 @@ def math_exact(completion: str, meta: dict[str, Any]) -> float:
 _math_verify_mod: Any = None
 
 
+class _NoTimeoutWarning(logging.Filter):
+    """math_verify warns on every call made off the main thread that it has no timeout of its own; the producer
+    runs rewards on worker threads with its own per-call timeout (producer.reward_timeout_s), so the warning
+    only floods the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
+
+
 def _math_verify() -> Any:
     global _math_verify_mod
     if _math_verify_mod is None:
@@ -159,6 +169,8 @@ def _math_verify() -> Any:
             raise TaskError(
                 "the math_verify reward needs the math-verify package: pip install 'gspo-pipeline[math]'"
             ) from None
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).addFilter(_NoTimeoutWarning())
     return _math_verify_mod
 
 
@@ -169,7 +181,8 @@ def math_verify_reward(completion: str, meta: dict[str, Any]) -> float:
     The answer may be plain (``72``, ``\\frac{1}{2}``, ``x^2+1``), in ``$...$``, a solution with a
     ``\\boxed{}``, or a GSM8K solution ending in ``#### 72`` (the part after ``####`` is taken). An answer
     that math_verify cannot parse raises TaskError (a dataset problem, not a wrong completion). Parsing and
-    verification time out after 5 s (SIGALRM: only in the main thread; elsewhere without a timeout)."""
+    verification time out after 5 s in the main thread (SIGALRM); elsewhere (the producer's reward threads) the
+    caller's timeout applies (producer.reward_timeout_s)."""
     if "answer" not in meta:
         raise TaskError("math_verify needs an 'answer' field")
     mv = _math_verify()

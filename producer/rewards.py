@@ -33,9 +33,10 @@ import asyncio
 import functools
 import inspect
 import math
+import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,12 +93,56 @@ class Scored:
     ]  # each reward's own score per sample ({} with a single legacy reward)
 
 
+class DaemonPool(Executor):
+    """A fixed pool of daemon threads. ``ThreadPoolExecutor``'s workers are joined at interpreter exit, so one
+    reward that never returns (it timed out, its thread cannot be stopped) would keep the producer from exiting;
+    these threads are not waited for."""
+
+    def __init__(self, threads: int, name: str = "reward"):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed, self._threads = False, threads
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if self._closed:
+            raise RuntimeError("the reward pool is closed")
+        fut: Future = Future()
+        self._work.put((fut, fn, args, kwargs))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            fut, fn, args, kwargs = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                fut.set_exception(e)
+
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = True) -> None:
+        self._closed = True
+        while cancel_futures:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self._threads):  # one stop mark per thread: each takes one when idle and ends
+            self._work.put(None)
+
+
 class RewardRunner:
-    """Runs reward calls on a thread pool (sync) or a private event loop (async), each with a timeout."""
+    """Runs reward calls on daemon threads (sync) or a private event loop (async), each with a timeout."""
 
     def __init__(self, threads: int = 8, timeout_s: float = 300.0):
         self.timeout_s = timeout_s
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reward")
+        self.pool = DaemonPool(threads)
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._athread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -192,7 +237,7 @@ class RewardRunner:
         return [_score(label, v) for v in out]
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
         if self._aloop is not None:
             self._aloop.call_soon_threadsafe(self._aloop.stop)
 

@@ -146,3 +146,29 @@ async def test_a_slow_reward_times_out_while_the_event_loop_keeps_running(functi
     assert time.monotonic() - t0 < 1.4  # the timeout, not the reward, ended the wait
     gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
     assert len(ticks) >= 6 and max(gaps) < 0.3  # the loop ran all along
+
+
+def test_a_reward_that_never_returns_does_not_keep_the_process_from_exiting(tmp_path):
+    """The timed-out call's thread is a daemon: the interpreter exits without waiting for it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import asyncio, threading\n"
+        "from producer.rewards import RewardRunner, RewardFailure\n"
+        "async def main():\n"
+        "    r = RewardRunner(threads=2, timeout_s=0.2)\n"
+        "    try:\n"
+        "        await r.call('hang', threading.Event().wait)\n"
+        "    except RewardFailure as e:\n"
+        "        print('failed:', e)\n"
+        "    r.close()\n"
+        "asyncio.run(main())\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(script)], cwd=repo, env={"PYTHONPATH": str(repo)},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "failed: reward hang took longer than producer.reward_timeout_s=0.2s"

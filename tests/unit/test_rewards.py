@@ -124,3 +124,21 @@ def test_math_verify_missing_package_names_the_extra(monkeypatch):
         TaskError, match=r"needs the math-verify package: pip install 'gspo-pipeline\[math\]'"
     ):
         get_reward("math_verify")(r"\boxed{1}", {"answer": "1"})
+
+
+def test_math_verify_off_the_main_thread_does_not_warn_about_its_timeout(caplog):
+    """Rewards run on worker threads with the producer's own timeout: math_verify's per-call warning is dropped."""
+    import logging
+    import threading
+
+    from common.tasks import math_verify_reward
+
+    out = []
+    with caplog.at_level(logging.WARNING):
+        t = threading.Thread(
+            target=lambda: out.append(math_verify_reward("so \\boxed{19}", {"answer": "19"}))
+        )
+        t.start()
+        t.join()
+    assert out == [1.0]
+    assert not [r for r in caplog.records if "Timeout is disabled" in r.getMessage()]
