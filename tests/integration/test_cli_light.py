@@ -308,3 +308,25 @@ def test_prompts_load_refuses_a_reward_it_cannot_resolve_and_a_system_prompt_for
     (line,) = r.stderr.strip().splitlines()
     assert "task.system_prompt applies to chat prompts" in line
     assert stream_tasks(redis_url, run_id) == []  # nothing half-loaded
+
+
+@pytest.mark.redis
+def test_a_tracker_that_is_not_installed_stops_the_learner_with_one_line(
+    tmp_path, redis_url, run_id, tiny_model_dir
+):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    r = gspo("learner", "--report-to", "mlflow", "--model", str(tiny_model_dir), "--redis-url", redis_url,
+             "--run", run_id, "--run-dir", str(tmp_path / "run"), "--dataset", "", cwd=tmp_path, timeout_s=120)  # fmt: skip
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln or "Traceback" in ln]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].endswith(
+        "learner failed: learner.report_to includes 'mlflow' but the mlflow package is not installed: "
+        "pip install 'gspo-pipeline[mlflow]'"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
