@@ -89,3 +89,31 @@ def test_errors(tok):
         render_prompt(tok, [{"content": "1+2="}])
     with pytest.raises(TaskError):
         render_prompt(tok, [])
+
+
+def test_the_producer_tokenises_a_task_as_its_fields_say(tok):
+    """producer/intake.py: a text task with the tokenizer's default special tokens unless add_special_tokens says,
+    a chat task through the template with its template arguments."""
+    from types import SimpleNamespace
+
+    from tokenizers.processors import TemplateProcessing
+
+    from common.wire import PromptTask
+    from producer.intake import Intake
+
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    me = SimpleNamespace(tokenizer=tok)
+    text = PromptTask(task_id="t", prompt="1+2=", task="addition")
+    assert Intake._tokenize(me, text) == [1, *chars(tok, "1+2=")]  # like Llama-3: the BOS it adds by default
+    no_bos = PromptTask(task_id="t", prompt="1+2=", task="addition", add_special_tokens=False)
+    assert Intake._tokenize(me, no_bos) == chars(tok, "1+2=")
+    chat = PromptTask(
+        task_id="t",
+        prompt="",
+        task="addition",
+        messages=({"role": "user", "content": "1+2="},),
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    assert Intake._tokenize(me, chat) == chars(
+        tok, "<s>", "user|1+2=", "</s>", "<s>", "assistant|", "nothink|"
+    )
