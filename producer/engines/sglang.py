@@ -531,7 +531,7 @@ class SGLangEngine(Engine):
         }
         if s.stop_token_ids:
             params["stop_token_ids"] = list(s.stop_token_ids)
-        if s.stop:  # the server ends a sample at the token completing one; its output_ids keep that token
+        if s.stop:  # the server ends a sample at a stop string (the reward text is cut before it on append)
             params["stop"] = list(s.stop)
         return {
             "input_ids": prompts,
