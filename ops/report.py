@@ -18,6 +18,8 @@ PANELS = (
     ("staleness/mean", "mean staleness"),
 )
 SPARSE = ("eval/reward",)  # a value every few steps: drawn as points joined, no rolling mean
+BUCKETED = ("gspo/clip_frac", "is/ess")  # panels that also draw each staleness bucket's "<key>/k=K" (dashed)
+BUCKET_STYLES = ("--", ":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2)))
 NOT_COMPONENTS = ("reward/mean", "reward/std")
 
 
@@ -49,6 +51,13 @@ def _series(rows: list[dict], key: str, x_key: str) -> tuple[list[float], list[f
     return xs, ys
 
 
+def bucket_keys(rows: list[dict], key: str) -> list[str]:
+    """``<key>/k=K`` keys present in ``rows`` (one per staleness bucket the learner trained), by K."""
+    prefix = f"{key}/k="
+    found = {k for r in rows for k in r if k.startswith(prefix) and k[len(prefix) :].isdigit()}
+    return sorted(found, key=lambda k: int(k[len(prefix) :]))
+
+
 def staleness_histogram(rows: list[dict]) -> Counter:
     total: Counter = Counter()
     for r in rows:
@@ -78,6 +87,17 @@ def plot_runs(run_dirs: list[Path], out: Path, x_key: str = "step", labels: list
                     continue
                 ax.plot(xs, ys, color=color, lw=0.6, alpha=0.3)
                 ax.plot(xs, rolling_mean(ys, SMOOTH), color=color, lw=1.6, label=label)
+            if key in BUCKETED:  # the same metric per staleness bucket: where staleness costs
+                for j, bkey in enumerate(bucket_keys(rows, key)):
+                    bx, by = _series(rows, bkey, x_key)
+                    ax.plot(
+                        bx,
+                        rolling_mean(by, SMOOTH),
+                        color=f"C{i}",
+                        ls=BUCKET_STYLES[j % len(BUCKET_STYLES)],
+                        lw=1.1,
+                        label=f"{label} {bkey.rpartition('/')[2]}",
+                    )
         ax.set_title(title)
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
