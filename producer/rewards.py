@@ -15,8 +15,10 @@ or, when it carries none, its single reward ``task`` (weight 1). Each function i
   sample.
 
 Either form may be a coroutine function (``async def``). Sync functions run on a thread pool
-(``producer.reward_threads``); coroutines on one event loop of their own, in a background thread; so the
-producer's loop (heartbeat, keep-alive, admission) never waits for a reward. Every call has a timeout
+(``producer.reward_threads``; a per-completion function scores a whole group in one pool call, so the thread
+hand-off is paid per group, not per completion); coroutines on one event loop of their own, in a background
+thread; so the producer's loop (heartbeat, keep-alive, admission) never waits for a reward. Every call (a
+batched call, a group of a sync per-completion function, one completion of an async one) has a timeout
 (``producer.reward_timeout_s``): a coroutine is cancelled; a sync function cannot be stopped and keeps its
 thread until it returns (the prompt is dead-lettered all the same). A reward that raises, times out, returns
 the wrong number of scores or a non-finite one fails its prompt: :class:`RewardFailure` (the append stage
@@ -175,6 +177,9 @@ class RewardRunner:
         except Exception as e:  # noqa: BLE001 - user code: any error fails this prompt only
             raise RewardFailure(f"reward {label} raised {type(e).__name__}: {e}") from None
 
+    def _each(self, fn: Callable[..., Any], texts: Sequence[str], metas: Sequence[dict]) -> list[Any]:
+        return [self._sync(fn, (text, meta), {}) for text, meta in zip(texts, metas, strict=True)]
+
     def _sync(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         out = fn(*args, **kwargs)
         if inspect.isawaitable(out):  # a callable object whose __call__ is async
@@ -220,11 +225,14 @@ class RewardRunner:
         n = len(texts)
         if not reward.batched:
             metas = [dict(task.meta, finish_reason=f) for f in finish_reasons]
-            calls = [self.call(label, reward.fn, t, m) for t, m in zip(texts, metas, strict=True)]
-            raw = await asyncio.gather(*calls, return_exceptions=True)
-            for r in raw:
-                if isinstance(r, BaseException):
-                    raise r
+            if inspect.iscoroutinefunction(reward.fn):  # concurrently on the reward loop, one timeout each
+                calls = [self.call(label, reward.fn, t, m) for t, m in zip(texts, metas, strict=True)]
+                raw = await asyncio.gather(*calls, return_exceptions=True)
+                for r in raw:
+                    if isinstance(r, BaseException):
+                        raise r
+            else:  # the group's completions in one pool call (one thread hop per group, not per completion)
+                raw = await self.call(label, self._each, reward.fn, texts, metas)
             return [_score(label, v) for v in raw]
         kwargs = batch_kwargs(task, texts, completion_ids, finish_reasons)
         if reward.takes is not None:

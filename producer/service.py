@@ -48,6 +48,7 @@ from producer.weights import CheckpointFollower, WeightSync
 log = logging.getLogger(__name__)
 PACED_POLL_S = 0.05  # how often a paced producer re-asks for admission (at once after a weight reload)
 WEIGHTS_POLL_S = 0.5  # keys.latest is read at least this often; an announcement wakes the loop at once
+WAKE_BLOCK_MS = 100  # longest blocking read of the checkpoints stream (a finished producer waits for it)
 STOP_GRACE_S = 15.0  # background loops get this long to finish their current Redis call / weight load
 
 
@@ -155,16 +156,20 @@ class Producer:
 
     # ------------------------------------------------------------------ background
     async def _follow_weights(self) -> None:
-        """Load each checkpoint as soon as it is announced: a blocking XREAD on the checkpoints stream wakes the
-        loop (the learner appends there when it sets keys.latest); keys.latest is read at least every
-        WEIGHTS_POLL_S whatever the stream holds (it may have been trimmed or the announcement lost)."""
+        """Load each checkpoint as soon as it is announced: a blocking XREAD on the checkpoints stream (at most
+        WAKE_BLOCK_MS per call, so that a finished producer stops at once) wakes the loop when the learner
+        announces; keys.latest is also read every WEIGHTS_POLL_S whatever the stream holds (it may have been
+        trimmed, or the announcement lost)."""
         stream = self.keys.checkpoints
         newest = await self.streams.latest_entries(stream, 1)
-        last = newest[0].id if newest else "0-0"
+        last, woke, synced_at = (newest[0].id if newest else "0-0"), True, 0.0
         while not self.finished.is_set():
-            if await self.weights.sync():
-                self.weights_changed.set()
-            entries = await self.streams.wait_after(stream, last, int(WEIGHTS_POLL_S * 1000))
+            if woke or time.monotonic() - synced_at >= WEIGHTS_POLL_S:
+                synced_at = time.monotonic()
+                if await self.weights.sync():
+                    self.weights_changed.set()
+            entries = await self.streams.wait_after(stream, last, WAKE_BLOCK_MS)
+            woke = bool(entries)
             if entries:
                 last = entries[-1].id
 
