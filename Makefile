@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-memory bench-learner-trl bench-async bench-staleness bench-staleness-study bench-e2e clean
+.PHONY: setup test test-fast lint demo bench-transport bench-producer bench-engine bench-learner bench-learner-memory bench-learner-trl bench-async bench-staleness bench-staleness-study bench-e2e bench-fsdp clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-learner: $(STAMP)
 
 bench-learner-memory: $(STAMP)
 	$(BIN)/python -m bench.learner_memory
+
+## the sharded learner: per-rank bytes with 1, 2, 4 ranks; step time of 2 ranks vs 1 (torchrun, gloo)
+bench-fsdp: $(STAMP)
+	$(BIN)/python -m bench.fsdp
 
 ## TRL runs in its own venv (bench/.trl-venv), created here on first use
 bench/.trl-venv/bin/python:

@@ -284,13 +284,17 @@ class LearnerSettings(_Section):
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="compute precision: bf16 = autocast to bfloat16, with fp32 master weights, gradients and AdamW state",
+        description="compute precision: bf16 = autocast to bfloat16 and bf16 parameter gathers of the sharded model, with fp32 master weights, gradient reduction and AdamW state",
     )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute each decoder layer's activations in the backward instead of keeping them",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    cpu_offload: bool = Field(
+        False,
+        description="keep each rank's shard of the parameters, gradients and AdamW state in CPU memory (FSDP2 CPUOffloadPolicy); the optimizer step runs on the CPU",
+    )
     lr: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")

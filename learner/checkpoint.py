@@ -6,9 +6,14 @@ A step is two directories, each with a ``manifest.json`` (sha256 of every other 
   safetensors, config, generation config, tokenizer); with LoRA the merged full weights (learner/lora.py);
 - the learner-private ``<state root>/step_XXXXXXXX/`` (``learner.state_dir``), written and made STABLE first, so
   a STABLE published step always has its state. Its files:
-- ``tensors.safetensors``: every tensor of the optimizer and scheduler states and the RNG states;
-- ``state.json``: the non-tensor structure, with ``{"__tensor__": name}`` where a tensor was, plus
-  step, version, consumed, prompt cursor and the entry ids consumed since the previous checkpoint;
+- ``optimizer/`` (a sharded model, ``learner/sharded.py``): the AdamW state, flattened to one tensor per
+  parameter and moment (``state.<parameter>.exp_avg`` ...), one safetensors file per rank that wrote it, each
+  holding that rank's shard (``torch.distributed.checkpoint``; any number of ranks reads it back);
+- ``tensors.safetensors``: the tensors of the scheduler state and the RNG states, and of the whole optimizer
+  state of an unsharded (LoRA) model;
+- ``state.json``: the non-tensor structure, with ``{"__tensor__": name}`` where a tensor was (the sharded
+  optimizer's non-tensor entries, lr, betas ..., under ``optimizer``, with ``"format": 2``), plus step,
+  version, consumed, prompt cursor and the entry ids consumed since the previous checkpoint;
 - ``trained_ids.json``: the group ids trained in the last window of steps (``learner/intake.py``,
   ``TrainedIds``) with the step each was trained at, ``{"format": 2, "ids": {group_id: step}}`` (drops
   duplicates after a resume); a plain list (the first format) is read as ids trained at the checkpoint's step;
@@ -18,8 +23,14 @@ The loader opens exactly these names, with safetensors and json: a pickle plante
 never read. Steps of the earlier layout, whose state is the ``trainer_state/`` subdirectory of the published step,
 still resume (the same files); new steps are written in this layout.
 
-The loop thread takes a :class:`Snapshot` (CPU clones of the weights and the optimizer state),
-then the write runs on a background thread while the next step trains.
+The weights of a sharded model are published as ``model-0000i-of-0000n.safetensors`` +
+``model.safetensors.index.json``. Between two steps every rank writes its shards of the weights and of the
+optimizer state into the two temp dirs (:func:`take_snapshot`, a collective); rank 0's :class:`Snapshot`
+keeps CPU copies of the rest (an unsharded LoRA model: of the weights and the optimizer state too), and the
+write finishes on a background thread while the next step trains: the weight shards are consolidated into the
+published HF files one tensor at a time, then manifests, renames, STABLE. A step whose optimizer state is
+whole (no ``format``: the earlier single-process learner's, or a LoRA run's) resumes on a sharded model too:
+every rank takes its shard of it.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -51,6 +63,7 @@ from common.manifest import (
     step_dir_name,
     verify_checkpoint,
 )
+from learner import sharded
 from learner.lora import adapter_state_dict, is_lora, merged_state_dict
 
 log = logging.getLogger(__name__)
@@ -59,6 +72,7 @@ STATE_DIR = "trainer_state"  # the earlier layout: the trainer state inside the 
 TENSORS_FILE, STATE_FILE, IDS_FILE = "tensors.safetensors", "state.json", "trained_ids.json"
 ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
 IDS_FORMAT = 2  # trained_ids.json: {"format": 2, "ids": {group_id: step}}; format 1 was a plain list
+STATE_FORMAT = 2  # state.json with the optimizer state in optimizer/ (sharded); without "format" it is inline
 CRASH_ENV = "LEARNER_TEST_CRASH_AT"
 FAULT_ENV = "LEARNER_TEST_FAULT"
 
@@ -123,6 +137,9 @@ class Snapshot:
     created_at: float = field(default_factory=time.time)
     adapter: dict[str, torch.Tensor] | None = None  # LoRA: the adapter tensors (model_state is then merged)
     lora: dict | None = None  # LoRA: configuration and base model digest (learner/lora.py)
+    # a sharded model: the published weight name -> file number; its weight and optimizer shards are in the temp
+    # dirs, ``model_state`` is empty and ``optimizer`` holds the optimizer's non-tensor entries only
+    weight_index: dict[str, int] | None = None
 
 
 def _clone(obj: Any) -> Any:
@@ -153,10 +170,40 @@ def trained_steps(trained_ids: Mapping[str, int] | Iterable[str], step: int) -> 
     return dict.fromkeys((str(g) for g in trained_ids), int(step))
 
 
+def tmp_dirs(root: Path, state_root: Path, step: int) -> tuple[Path, Path]:
+    """The temp dirs of a step's published and private directories."""
+    name = f"{TMP_PREFIX}{step_dir_name(step)}"
+    return Path(root) / name, Path(state_root) / name
+
+
+def write_shards(root: Path, state_root: Path, step: int, model, optimizer) -> tuple[dict, dict[str, int]]:
+    """Every rank writes its shards of the weights (published temp dir) and of the optimizer state (private temp
+    dir) of ``step``: a collective, all ranks call it; rank 0 first clears what a crashed run left there.
+    Returns the optimizer's non-tensor entries and the published weight file index."""
+    tmp, state_tmp = tmp_dirs(root, state_root, step)
+    if dist.get_rank() == 0:
+        for d in (tmp, state_tmp, Path(root) / step_dir_name(step)):
+            shutil.rmtree(d, ignore_errors=True)  # never raise here: the other ranks wait at the barrier
+    dist.barrier()
+    return sharded.save_shards(model, optimizer, tmp, state_tmp / sharded.OPTIMIZER_DIR)
+
+
 def take_snapshot(model, optimizer, scheduler, *, step: int, counters: dict, entry_ids: list[str],
-                  trained_ids: Mapping[str, int] | Iterable[str], lora: dict | None = None) -> Snapshot:  # fmt: skip
+                  trained_ids: Mapping[str, int] | Iterable[str], lora: dict | None = None,
+                  root: Path | None = None, state_root: Path | None = None) -> Snapshot:  # fmt: skip
     """CPU copies of everything a checkpoint holds (fast; the loop thread then moves on). A model with LoRA
-    adapters is published merged; its adapters (and ``lora``, their configuration) go to the private state."""
+    adapters is published merged; its adapters (and ``lora``, their configuration) go to the private state.
+    A sharded model writes its shards into the temp dirs under ``root`` and ``state_root`` instead
+    (:func:`write_shards`; every other rank calls it at the same time)."""
+    if sharded.is_sharded(model):
+        if root is None or state_root is None:
+            raise ValueError("a sharded model's snapshot needs the checkpoint roots")
+        optim, index = write_shards(root, state_root, step, model, optimizer)
+        return Snapshot(
+            step=step, version=step, model_state={}, optimizer=optim, scheduler=_clone(scheduler.state_dict()),
+            rng=_clone(rng_state()), counters=dict(counters), entry_ids=list(entry_ids),
+            trained_ids=trained_steps(trained_ids, step), weight_index=index,
+        )  # fmt: skip
     adapted = is_lora(model)
     if adapted and lora is None:
         raise ValueError("a LoRA model's snapshot needs its configuration (Trainer.lora_meta)")
@@ -191,7 +238,10 @@ def write_trainer_state(dest: Path, snap: Snapshot) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     structure = {
-        "optimizer": flatten(snap.optimizer, tensors, "optimizer"),
+        **({"format": STATE_FORMAT} if snap.weight_index is not None else {}),
+        "optimizer": snap.optimizer
+        if snap.weight_index is not None
+        else flatten(snap.optimizer, tensors, "optimizer"),
         "scheduler": flatten(snap.scheduler, tensors, "scheduler"),
         "rng": flatten(snap.rng, tensors, "rng"),
     }
@@ -258,11 +308,15 @@ def _mark_stable(final: Path) -> None:
 def _write_checkpoint(root: Path, tmp: Path, final: Path, state_tmp: Path, state_final: Path, snap: Snapshot, model,
                       tokenizer, fingerprint: str, parent: int | None) -> tuple[Path, str]:  # fmt: skip
     # leftovers of a crashed run; a published dir of the same step (never resumed from) goes first, so that it
-    # cannot pair with the new state if this write stops half-way
-    for d in (tmp, state_tmp, final):
-        if d.exists():
-            shutil.rmtree(d)
-    model.save_pretrained(tmp, state_dict=snap.model_state, safe_serialization=True)
+    # cannot pair with the new state if this write stops half-way (a sharded model's write_shards did that)
+    if snap.weight_index is None:
+        for d in (tmp, state_tmp, final):
+            if d.exists():
+                shutil.rmtree(d)
+        model.save_pretrained(tmp, state_dict=snap.model_state, safe_serialization=True)
+    else:  # the ranks' shards are in the temp dirs: the weights become the published HF files
+        sharded.consolidate_weights(tmp, snap.weight_index)
+        model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
@@ -319,6 +373,9 @@ class TrainerState:
     adapter: dict[str, torch.Tensor] | None = None  # LoRA adapter tensors
     lora: dict | None = None  # LoRA configuration and base model digest
     where: str = ""  # the directory read
+    whole_optimizer: bool = (
+        True  # ``optimizer`` is a whole state_dict(); else the sharded one's non-tensor entries
+    )
 
 
 def _read_trained(raw: Any, step: int) -> dict[str, int]:
@@ -354,6 +411,11 @@ def load_trainer_state(step_dir: Path, state_root: Path, verify: bool = True) ->
     try:
         tensors = load_file(str(d / TENSORS_FILE))
         state = json.loads((d / STATE_FILE).read_text())
+        if state.get("format", 1) not in (1, STATE_FORMAT):
+            raise CheckpointError(
+                f"{d}: trainer state of format {state['format']!r}, not one this learner reads"
+            )
+        whole = "format" not in state
         trained = _read_trained(json.loads((d / IDS_FILE).read_text()), int(state["step"]))
         adapter = load_file(str(d / ADAPTER_FILE)) if (d / ADAPTER_FILE).exists() else None
         lora = json.loads((d / ADAPTER_META).read_text()) if adapter is not None else None
@@ -362,13 +424,29 @@ def load_trainer_state(step_dir: Path, state_root: Path, verify: bool = True) ->
     return TrainerState(
         step=int(state["step"]), version=int(state["version"]), counters=dict(state["counters"]),
         entry_ids=[str(x) for x in state["entry_ids"]], trained_ids=list(trained),
-        optimizer=unflatten(state["optimizer"], tensors), scheduler=unflatten(state["scheduler"], tensors),
-        rng=unflatten(state["rng"], tensors), trained_steps=trained, adapter=adapter, lora=lora, where=str(d),
+        optimizer=unflatten(state["optimizer"], tensors) if whole else dict(state["optimizer"]),
+        scheduler=unflatten(state["scheduler"], tensors), rng=unflatten(state["rng"], tensors), trained_steps=trained,
+        adapter=adapter, lora=lora, where=str(d), whole_optimizer=whole,
     )  # fmt: skip
 
 
-def restore(optimizer, scheduler, state: TrainerState) -> None:
-    optimizer.load_state_dict(state.optimizer)
+def restore(model, optimizer, scheduler, state: TrainerState) -> None:
+    """The optimizer, scheduler and RNG states of ``state``. A sharded model: every rank (a collective) reads
+    its shard of the optimizer state, whatever number of ranks wrote it, or takes it from a whole one."""
+    optimizer_dir = Path(state.where) / sharded.OPTIMIZER_DIR
+    try:
+        if not sharded.is_sharded(model):
+            if not state.whole_optimizer:
+                raise ValueError("a sharded optimizer state, but the model is not sharded")
+            optimizer.load_state_dict(state.optimizer)
+        elif state.whole_optimizer:
+            sharded.load_full_optimizer(model, optimizer, state.optimizer)
+        else:
+            sharded.load_optimizer(model, optimizer, optimizer_dir, state.optimizer)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(
+            f"{state.where}: unreadable optimizer state ({type(e).__name__}: {e})"
+        ) from None
     scheduler.load_state_dict(state.scheduler)
     torch.set_rng_state(state.rng["torch_cpu"])
     if torch.cuda.is_available():

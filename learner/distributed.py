@@ -1,9 +1,11 @@
 """Multi-rank learner plumbing (torch.distributed, launched by torchrun).
 
 Rank 0 talks to Redis and broadcasts each batch as plain tensors (sizes first, then the data; no
-pickle). Every rank trains a disjoint slice of the batch's sequences with the global loss
-denominator; summing the gradients over ranks then gives exactly the 1-rank gradient (up to the
-order of floating-point sums). gloo on CPU, nccl on GPU.
+pickle). Every rank trains a disjoint share of the batch's sequences, balanced by token count
+(:func:`split_by_tokens`), with the global loss denominator; FSDP2 (``learner/sharded.py``) sums the
+gradient shards over ranks, which gives exactly the 1-rank gradient (up to the order of floating-point
+sums). A learner started without torchrun joins a process group of one, so that the same sharded code
+runs. gloo on CPU; on GPUs nccl for CUDA tensors and gloo for the CPU tensors of the broadcasts.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from learner.gspo import stat_kind
 
 log = logging.getLogger(__name__)
 
-# command words broadcast before each batch
-CMD_TRAIN, CMD_STOP = 1, 0
+# command words rank 0 broadcasts: train a batch, write the shards of a checkpoint, stop
+CMD_TRAIN, CMD_STOP, CMD_SAVE = 1, 0, 2
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,48 @@ class World:
         return self.rank == 0
 
 
+def local_device() -> str:
+    """This rank's device: ``cuda:LOCAL_RANK`` on a GPU host (torchrun sets LOCAL_RANK), else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def _backend(device: str) -> str:
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
 def init_from_env(device: str = "cpu") -> World:
-    """Join the process group when launched with WORLD_SIZE > 1; else a 1-rank world."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
+    """Join the process group of a torchrun launch (WORLD_SIZE set), else a process group of one."""
+    if dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=_backend(device))
+        log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+        return World(dist.get_rank(), dist.get_world_size())
+    return ensure_single(device)
+
+
+def ensure_single(device: str = "cpu") -> World:
+    """A process group of one (in-process store, no port) unless one exists: FSDP2 needs a group."""
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+        dist.init_process_group(backend=_backend(device), store=dist.HashStore(), rank=0, world_size=1)
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def split_by_tokens(indices: list[int], tokens: list[int], ranks: int) -> list[list[int]]:
+    """``indices`` shared out among ``ranks`` so that their token counts are as even as greedy gets (longest
+    first, each to the least-loaded rank, ties to the lower rank); each share in ascending order. The same
+    on every rank (it depends on the broadcast batch only)."""
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for i, n in sorted(zip(indices, tokens, strict=True), key=lambda x: (-x[1], x[0])):
+        r = min(range(ranks), key=lambda j: (load[j], j))
+        shares[r].append(i)
+        load[r] += n
+    return [sorted(s) for s in shares]
 
 
 def broadcast_command(world: World, cmd: int) -> int:
@@ -80,23 +115,6 @@ def broadcast_int(world: World, value: int) -> int:
     return broadcast_command(world, value)
 
 
-def all_reduce_grads(world: World, model: torch.nn.Module) -> None:
-    """Sum gradients over ranks (each rank's loss already carries the global denominator)."""
-    if world.size == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
-
-
 def all_reduce_sum(world: World, values: list[float]) -> list[float]:
     if world.size == 1:
         return values
@@ -125,5 +143,5 @@ def reduce_stats(world: World, stats: dict[str, float], keys: list[str]) -> dict
 
 
 def shutdown(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -56,16 +56,20 @@ def _per_token_temperature(temperatures: float | Sequence[float], packed: Packed
     return torch.repeat_interleave(torch.tensor(temps, dtype=torch.float32), lengths)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model computes: ``compute_device`` when set (a sharded model whose parameters are offloaded to
+    the CPU, ``learner/sharded.py``), else the device of its parameters."""
+    device = getattr(model, "compute_device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
 def _completion_inputs(
-    model: torch.nn.Module, packed: PackedRows, rows: Tensor, cols: Tensor
+    model: torch.nn.Module, ids: Tensor, pos: Tensor, rows: Tensor, cols: Tensor
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, int]:
     """``(head, x, vocab)``: the logits at the given positions are ``head(x)``. Normally the backbone runs over
     the packed rows and ``x`` is the hidden states gathered at the positions, ``head`` the LM head; models whose
     head is not a plain projection (final-logit softcapping, no ``get_output_embeddings``/``model``) run the
     full forward instead, and ``x`` is their logits at the positions, ``head`` the identity."""
-    device = next(model.parameters()).device
-    ids, pos = packed.input_ids.to(device), packed.position_ids.to(device)
-    rows, cols = rows.to(device), cols.to(device)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     backbone = getattr(model, "model", None)
@@ -78,6 +82,29 @@ def _completion_inputs(
     if vocab is None:
         vocab = int(head(hidden[:1, :1]).shape[-1])
     return head, hidden[rows, cols], int(vocab)
+
+
+# The name a sharded model registers :func:`completion_logprobs` under as an FSDP forward method
+# (``learner/sharded.py``): the backbone and the LM head are called separately here, so the root module's
+# parameters (embeddings, final norm, head) must be gathered around this whole computation, not around
+# ``forward``.
+FORWARD_METHOD = "gspo_completion_logprobs"
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    ids: Tensor,
+    pos: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    targets: Tensor,
+    temps: Tensor,
+    chunk_tokens: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Log-probs at ``targets`` of the positions (rows, cols) of the packed rows ``ids`` and the entropy sum."""
+    head, x, vocab = _completion_inputs(model, ids, pos, rows, cols)
+    logp, entropy = chunked_logprobs(head, x, targets, temps, chunk_tokens=chunk_size(vocab, chunk_tokens))
+    return logp.clone(), entropy  # not a view: FSDP hooks the backward of a sharded model on this output
 
 
 def _chunk(
@@ -145,11 +172,14 @@ def packed_logprobs(
     packed = pack(sequences, max_row_tokens, pad_id)
     rows, cols, targets = completion_logit_index(packed)
     temps = _per_token_temperature(temperatures, packed)
+    device = model_device(model)
+    inputs = [t.to(device) for t in (packed.input_ids, packed.position_ids, rows, cols, targets, temps)]
     with torch.set_grad_enabled(with_grad):
-        head, x, vocab = _completion_inputs(model, packed, rows, cols)
-        logp, entropy = chunked_logprobs(
-            head, x, targets, temps, chunk_tokens=chunk_size(vocab, chunk_tokens)
-        )
+        registered = getattr(model, FORWARD_METHOD, None)  # a sharded model: its FSDP forward method
+        if registered is not None:
+            logp, entropy = registered(*inputs, chunk_tokens)
+        else:
+            logp, entropy = completion_logprobs(model, *inputs, chunk_tokens)
     entropy_sum = float(entropy) if logp.numel() else 0.0
     lengths = [pl.completion_len for pl in packed.placements]
     return PackedLogprobs(

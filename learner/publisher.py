@@ -1,7 +1,8 @@
 """Publishing: from trained steps to STABLE, announced checkpoints and acked rollout entries.
 
-A publish takes a snapshot (CPU copies, on the event loop between two steps), then on a background task:
-write (a thread: temp dir, fsync, rename, STABLE) → upload (``learner.checkpoint_url`` set: common/store.py)
+A publish takes a snapshot between two steps (every rank writes its shards of the weights and the optimizer
+state into the temp dir, rank 0 keeps CPU copies of the rest), then on a background task: write (a thread:
+the weight shards consolidated into HF files, trainer state, fsync, rename, STABLE) → upload (``learner.checkpoint_url`` set: common/store.py)
 → announce (checkpoints stream and ``latest``) → ack the rollout entries the snapshot covers → trim the
 rollouts and prompts streams → prune old checkpoints. A write or upload that fails (disk full, I/O error,
 object store down) acks nothing: its entries wait for the next publish, which ``retry_due`` brings forward.
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from pathlib import Path
+
+from torch.distributed.checkpoint.api import CheckpointException
 
 from common.config import Settings
 from common.keys import LEARNER_GROUP, PRODUCERS_GROUP, RunKeys
@@ -22,6 +26,7 @@ from common.streams import StreamClient
 from common.wire import CheckpointAnnouncement, decode, encode
 from learner import checkpoint as ckpt
 from learner import reuse
+from learner.distributed import CMD_SAVE, broadcast_command, broadcast_int
 from learner.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -81,19 +86,31 @@ class Publisher:
 
     # ------------------------------------------------------------------ publishing
     async def publish(self, step: int, counters: dict, trained_ids) -> None:
-        """Snapshot ``step`` now (the model must not be training), write + announce + ack in the background."""
+        """Snapshot ``step`` now (the model must not be training), write + announce + ack in the background.
+        The other ranks write their shards with rank 0 (they follow ``CMD_SAVE``)."""
         await self.wait()
         t = self.trainer
-        snap = ckpt.take_snapshot(
-            t.model,
-            t.optimizer,
-            t.scheduler,
-            step=step,
-            counters=counters,
-            entry_ids=self.unacked,
-            trained_ids=trained_ids,  # a TrainedIds keeps each id's step
-            lora=t.lora_meta,
-        )
+        broadcast_command(t.world, CMD_SAVE)
+        broadcast_int(t.world, step)
+        try:
+            snap = await asyncio.to_thread(
+                ckpt.take_snapshot,
+                t.model,
+                t.optimizer,
+                t.scheduler,
+                step=step,
+                counters=counters,
+                entry_ids=self.unacked,
+                trained_ids=trained_ids,  # a TrainedIds keeps each id's step
+                lora=t.lora_meta,
+                root=self.root,
+                state_root=self.state_root,
+            )
+        except (OSError, CheckpointException) as e:  # a rank could not write its shards (disk full ...)
+            for d in ckpt.tmp_dirs(self.root, self.state_root, step):
+                shutil.rmtree(d, ignore_errors=True)
+            self._failed_shards(step, e)
+            return
         self.unacked = []
         parent, self.last_published = self.last_published, step
         self.task = asyncio.create_task(self._write_and_announce(snap, parent))
@@ -146,6 +163,20 @@ class Publisher:
         ):
             log.debug("pruned %s", p)
         log.info("published step %d in %.2fs: %s", snap.step, self.publish_s, path)
+
+    def _failed_shards(self, step: int, e: BaseException) -> None:
+        """The shards of ``step`` could not be written: as a failed write (nothing acked, retried later)."""
+        self.failures += 1
+        self.failures_total += 1
+        self._failed_at = time.monotonic()
+        log.error(
+            "could not write the shards of the checkpoint of step %d (%s: %s); its entries stay unacked; "
+            "training goes on and the publish is retried in %.0fs or at the next publish point",
+            step,
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+            self.retry_every_s,
+        )
 
     def _failed(self, snap: ckpt.Snapshot, parent: int | None, e: Exception) -> None:
         """A checkpoint that could not be written (disk full, I/O error) or uploaded: nothing of it is acked. Its

@@ -11,7 +11,8 @@ One iteration, as in the README diagram: feed → take → train → publish →
   entries it covers acked (after a kill -9 nothing is lost and nothing is trained twice);
 - metrics: one metrics.jsonl row (and Prometheus gauges) per step.
 
-Multi-rank (torchrun): rank 0 runs this loop and broadcasts batches; other ranks run ``follow``.
+Multi-rank (torchrun): rank 0 runs this loop and broadcasts batches and checkpoint writes; other ranks run
+``follow``. Every rank holds a shard of the model (``learner/sharded.py``), 1 rank included.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from common import prom
 from common.config import Settings
@@ -38,6 +40,7 @@ from learner import checkpoint as ckpt
 from learner import reuse
 from learner.batching import TrainBatch, build_batch
 from learner.distributed import (
+    CMD_SAVE,
     CMD_STOP,
     CMD_TRAIN,
     World,
@@ -45,6 +48,7 @@ from learner.distributed import (
     broadcast_command,
     broadcast_int,
     init_from_env,
+    local_device,
     shutdown,
 )
 from learner.evaluation import Evaluator
@@ -53,6 +57,7 @@ from learner.intake import Intake, TakenBatch
 from learner.lora import LoraError
 from learner.metrics import MetricsWriter
 from learner.publisher import Publisher
+from learner.sharded import ShardingError
 from learner.state import LearnerState
 from learner.tracking import SampleLog, TrackerError, component_means, open_trackers, sample_rows
 from learner.trainer import Trainer
@@ -74,7 +79,7 @@ def state_root(settings: Settings) -> Path:
 
 
 def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device()
 
 
 def _resume_dir(settings: Settings, resume: bool | None, fresh: bool = False) -> Path | None:
@@ -134,8 +139,12 @@ def build_trainer(
     if lora and not ls.model:
         raise LearnerError("learner.lora needs learner.model (--model): the base model, also when resuming")
     device = _device()
+    # full weights are sharded: loaded in host memory, moved to this rank's GPU one module at a time as they are
+    # sharded (learner/sharded.py); a LoRA model is not sharded
     model = load_model(
-        ls.model if lora else model_dir, device=device, attn_implementation=ls.attn_implementation
+        ls.model if lora else model_dir,
+        device=device if lora else "cpu",
+        attn_implementation=ls.attn_implementation,
     )
     ref = None
     if ls.kl_coef > 0:
@@ -152,7 +161,7 @@ def build_trainer(
             adapters.check_resume(state.lora, trainer.lora_meta, state.where)
             adapters.load_adapter_state(trainer.model, state.adapter, state.where)
     if state is not None:
-        ckpt.restore(trainer.optimizer, trainer.scheduler, state)
+        ckpt.restore(trainer.model, trainer.optimizer, trainer.scheduler, state)
     return trainer
 
 
@@ -160,6 +169,7 @@ def build_trainer(
 STATED_FAILURES = (
     LearnerError,
     LoraError,
+    ShardingError,
     ModelLoadError,
     FingerprintError,
     CheckpointError,
@@ -202,17 +212,28 @@ def _main(settings: Settings, resume: bool | None, fresh: bool = False) -> int:
         trainer = build_trainer(settings, model_dir, world, state)
         trainer.version = max(step, 0)  # the weights' policy version (loss.proximal = "version" keys on it)
         if not world.is_main:
-            follow(trainer, world)
+            follow(trainer, world, ckpt_root(settings), state_root(settings))
             return 0
         return asyncio.run(Learner(settings, trainer, model_dir, state, world).run())
     finally:
         shutdown(world)
 
 
-def follow(trainer: Trainer, world: World) -> None:
-    """Ranks > 0: train on each broadcast batch until rank 0 says stop."""
-    while broadcast_command(world, CMD_TRAIN) == CMD_TRAIN:
-        trainer.train_step(broadcast_batch(world, None))
+def follow(trainer: Trainer, world: World, root: Path, private_root: Path) -> None:
+    """Ranks > 0: train on each broadcast batch and write their shards of each checkpoint until rank 0 says
+    stop. SIGTERM and SIGINT are ignored here: rank 0 gets them too (torchrun forwards them), finishes its
+    step, publishes and then says stop; if rank 0 dies instead, the next collective fails and this rank exits."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    while (cmd := broadcast_command(world, CMD_TRAIN)) != CMD_STOP:
+        if cmd == CMD_TRAIN:
+            trainer.train_step(broadcast_batch(world, None))
+        elif cmd == CMD_SAVE:
+            step = broadcast_int(world, -1)
+            try:
+                ckpt.write_shards(root, private_root, step, trainer.model, trainer.optimizer)
+            except (OSError, CheckpointException) as e:  # rank 0 sees it too: that publish fails
+                log.error("could not write the shards of step %d: %s", step, str(e).splitlines()[0])
 
 
 class Learner:

@@ -1,9 +1,13 @@
 """One learner step: advantages, packed log-prob recompute, GSPO loss, backward, AdamW.
 
-``Trainer.train_step(batch)`` is the whole step, the same code for 1 rank and N ranks: each rank
-trains the sequences ``i % world.size == rank`` of the (broadcast) batch, every micro-batch loss
-is divided by the number of valid sequences of the *whole* (mini)batch, and gradients are summed
-over ranks, so N ranks take exactly the 1-rank step (tests/integration/test_learner_ddp.py).
+``Trainer.train_step(batch)`` is the whole step, the same code for 1 rank and N ranks. The model is sharded
+with FSDP2 (``learner/sharded.py``: each rank holds 1/N of the parameters, gradients and AdamW state). Each
+rank trains its share of every mini-batch's sequences, shared out by token count so that the ranks finish
+together; every micro-batch loss is divided by the number of valid sequences of the *whole* mini-batch, and
+the gradient shards are summed over ranks, so N ranks take exactly the 1-rank step
+(tests/integration/test_learner_fsdp.py). FSDP gathers each layer's parameters in every forward, a
+collective: a rank with fewer micro-batches than another runs empty ones (a one-token forward whose loss is
+multiplied by 0), so that all ranks run as many forwards and backwards.
 
 Proximal log-probs (docs/objective.md): the detached values of the same forward for the first mini-batch
 (no update has happened yet), and one no-grad pass over the later mini-batches before the first update;
@@ -29,10 +33,11 @@ from dataclasses import replace
 import torch
 
 from common.config import Settings
+from learner import sharded
 from learner.batching import TrainBatch
-from learner.distributed import World, all_reduce_grads, all_reduce_sum, reduce_stats
+from learner.distributed import World, all_reduce_sum, ensure_single, reduce_stats, split_by_tokens
 from learner.gspo import STAT_NAMES, group_advantages, merge_stats, metrics_from_stats, policy_loss
-from learner.logprobs import packed_logprobs, token_logprobs
+from learner.logprobs import model_device, packed_logprobs, token_logprobs
 from learner.packing import plan_rows
 from modeling import ModelLoadError, disable_dropout
 
@@ -147,9 +152,21 @@ class Trainer:
         ref_model: torch.nn.Module | None = None,
         pad_id: int = 0,
     ):
-        self.settings, self.world, self.pad_id = settings, world, pad_id
-        self.model = prepare_model(model, settings)
         ls = settings.learner
+        if ls.lora.r > 0 and world.size > 1:
+            raise ModelLoadError(
+                "learner.lora trains on one learner rank only (the sharded learner trains full weights): "
+                "run the LoRA learner without torchrun, or set learner.lora.r = 0"
+            )
+        self.settings, self.world, self.pad_id = settings, world, pad_id
+        model = prepare_model(model, settings)
+        if (
+            ls.lora.r == 0
+        ):  # full weights: sharded with FSDP2 over the ranks (a group of one without torchrun)
+            if world.size == 1:
+                ensure_single(str(model_device(model)))
+            model = sharded.shard_model(model, ls.precision, ls.cpu_offload)
+        self.model = model
         # LoRA dropout acts in the training forward only: the proximal log-probs of every mini-batch then come from
         # the no-grad pass (in eval mode), not from the (randomly masked) training forward itself
         self.stochastic = ls.lora.r > 0 and ls.lora.dropout > 0
@@ -165,8 +182,9 @@ class Trainer:
         )
         self.ref_model = ref_model.eval() if ref_model is not None else None
         # policy version of the current weights (the learner sets it to the step it resumed from); with
-        # loss.proximal = "version" the weights of the last K + 1 versions are kept (detached copies, on the
-        # parameters' device) to recompute each sample's log-probs under the weights that generated it
+        # loss.proximal = "version" the weights of the last K + 1 versions are kept (detached copies of this
+        # rank's shards, where the shards are) to recompute each sample's log-probs under the weights that
+        # generated it
         self.version = 0
         self._snapshots: dict[int, dict[str, Tensor]] = {}
         if ls.kl_coef > 0 and self.ref_model is None:
@@ -177,7 +195,9 @@ class Trainer:
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
         """``learner.precision``: bf16 autocast around forwards (fp32 master weights, fp32 log-softmax and loss)."""
-        device = next(self.model.parameters()).device.type
+        device = model_device(
+            self.model
+        ).type  # where it computes (a sharded model's shards may be in host memory)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.settings.learner.precision == "bf16"):
             yield
 
@@ -197,18 +217,22 @@ class Trainer:
         adv, frac_tied = batch_advantages(batch)
         lengths = batch.loss_lengths
         computed = self._computed(batch, adv)
-        mine = [i for i in computed if i % self.world.size == self.world.rank]
+        minibatches = _split(len(batch), self.settings.learner.n_minibatches)
+        plans = self._plans(batch, minibatches, computed)
         self._keep_snapshot()
-        prox, missing = self._proximal(batch, mine)
-        acc, mine_set = _Accumulator(), set(mine)
-        for mb in _split(len(batch), self.settings.learner.n_minibatches):
+        prox, missing = self._proximal(batch, plans)
+        acc = _Accumulator()
+        for mb, plan in zip(minibatches, plans, strict=True):
             # every valid sequence of the mini-batch counts, computed or skipped: the loss is their mean
             denominator = sum(1 for i in mb if lengths[i] > 0)
             if denominator == 0:
                 continue
+            mine = plan[self.world.rank]
             with self._training_mode():
-                for micro in self._micro_batches(batch, [i for i in mb if i in mine_set]):
+                for micro in mine:
                     self._micro_step(batch, micro, adv, prox, denominator, acc)
+                for _ in range(max(len(p) for p in plan) - len(mine)):
+                    self._empty_pass(with_grad=True)
             self._optimizer_step(acc)
         metrics = self._metrics(batch, acc, stat_keys(batch, computed))
         metrics.update(_batch_metrics(batch, frac_tied))
@@ -237,6 +261,24 @@ class Trainer:
             return in_loss
         return [i for i in in_loss if float(adv[i]) != 0.0]
 
+    def _plans(self, batch: TrainBatch, minibatches: list[list[int]], computed: list[int]):
+        """For each mini-batch, each rank's micro-batches: the computed sequences shared out by token count
+        (the same on every rank: each rank plans all of them and runs its own)."""
+        chosen, plans = set(computed), []
+        for mb in minibatches:
+            idx = [i for i in mb if i in chosen]
+            tokens = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]
+            shares = split_by_tokens(idx, tokens, self.world.size)
+            plans.append([self._micro_batches(batch, share) for share in shares])
+        return plans
+
+    def _empty_pass(self, with_grad: bool) -> None:
+        """A one-token forward (and a backward of 0 × its output): this rank's part of the parameter gathers
+        and gradient reductions of a micro-batch other ranks run. It adds exactly 0 to every gradient."""
+        out = packed_logprobs(self.model, [([self.pad_id], [self.pad_id])], 1.0, with_grad=with_grad)
+        if with_grad:
+            (out.logprobs[0].sum() * 0.0).backward()
+
     def _micro_batches(self, batch: TrainBatch, idx: list[int]) -> list[list[int]]:
         sizes = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]
         return [
@@ -257,12 +299,13 @@ class Trainer:
         for v in [v for v in self._snapshots if v < oldest]:
             del self._snapshots[v]
         if self.settings.pipeline.max_staleness > 0 and self.version not in self._snapshots:
+            sharded.reshard(self.model)  # each rank keeps a copy of its shards
             # the trained parameters only: frozen ones (a LoRA base) are the same in every version
             self._snapshots[self.version] = {
                 n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
             }
 
-    def _proximal(self, batch: TrainBatch, mine: list[int]) -> tuple[dict[int, Tensor], int]:
+    def _proximal(self, batch: TrainBatch, plans) -> tuple[dict[int, Tensor], int]:
         """log π_prox per sequence index, and how many sequences lacked their generating version's weights.
 
         A sequence absent from the dict takes the detached value of its own forward. With ``recompute`` that
@@ -270,26 +313,31 @@ class Trainer:
         the proximal ones): only the later mini-batches need the no-grad pass. With ``version`` the anchor of
         a sample of staleness k is the learner's copy of the weights of version ``self.version − k`` (the ones
         that generated it); k = 0 in the first mini-batch is its own forward again. A version the learner
-        does not hold (the first K steps after a resume) falls back to the weights before this update."""
-        mode = self.settings.loss.proximal
+        does not hold (the first K steps after a resume) falls back to the weights before this update.
+
+        ``plans``: each mini-batch's micro-batches per rank (:meth:`_plans`). Every rank runs its own sequences
+        of each version, then empty passes up to the rank with the most micro-batches of that version (a
+        forward is a collective of the sharded model)."""
+        mode, rank = self.settings.loss.proximal, self.world.rank
         if mode == "behaviour":
-            return {i: batch.behaviour[i] for i in mine}, 0
-        minibatches = _split(len(batch), self.settings.learner.n_minibatches)
-        first = set(minibatches[0]) if minibatches and not self.stochastic else set()
-        by_version: dict[int, list[int]] = {}
-        for i in mine:
-            k = int(batch.staleness[i]) if mode == "version" else 0
-            if k == 0 and i in first:
-                continue
-            by_version.setdefault(self.version - k, []).append(i)
+            return {i: batch.behaviour[i] for plan in plans for micro in plan[rank] for i in micro}, 0
+        by_rank: list[dict[int, list[int]]] = [{} for _ in range(self.world.size)]
+        for m, plan in enumerate(plans):
+            for r, micros in enumerate(plan):
+                for i in (i for micro in micros for i in micro):
+                    k = int(batch.staleness[i]) if mode == "version" else 0
+                    if k == 0 and m == 0 and not self.stochastic:
+                        continue
+                    by_rank[r].setdefault(self.version - k, []).append(i)
         out: dict[int, Tensor] = {}
         missing = 0
-        for version, idx in sorted(by_version.items()):
+        for version in sorted({v for versions in by_rank for v in versions}):
             weights = self._snapshots.get(version) if version != self.version else None
             if version != self.version and weights is None:
-                missing += len(idx)
+                missing += sum(len(versions.get(version, [])) for versions in by_rank)
+            micros = [self._micro_batches(batch, sorted(versions.get(version, []))) for versions in by_rank]
             with _swapped_weights(self.model, weights), self._autocast():
-                for micro in self._micro_batches(batch, idx):
+                for micro in micros[rank]:
                     lps = token_logprobs(
                         self.model,
                         batch.sequences(micro),
@@ -297,6 +345,9 @@ class Trainer:
                         max_row_tokens=self._row_tokens(batch, micro),
                     )
                     out.update(zip(micro, lps, strict=True))
+                for _ in range(max(len(m) for m in micros) - len(micros[rank])):
+                    self._empty_pass(with_grad=False)
+        sharded.reshard(self.model)
         return out, missing
 
     def _micro_step(
@@ -379,14 +430,15 @@ class Trainer:
         for p in self.params:  # nothing computed on this rank (all skipped): a zero gradient, as computed
             if p.grad is None:  # AdamW would skip a parameter whose grad is None (no decay, no moment update)
                 p.grad = torch.zeros_like(p)
-        all_reduce_grads(self.world, self.model)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.learner.grad_clip)
-        acc.grad_norms.append(float(norm))
-        if math.isfinite(float(norm)):
+        norm = float(
+            sharded.full_value(torch.nn.utils.clip_grad_norm_(self.params, self.settings.learner.grad_clip))
+        )
+        acc.grad_norms.append(norm)
+        if math.isfinite(norm):
             self.optimizer.step()
         else:
             acc.skipped += 1
-            log.warning("non-finite gradient norm %s: optimizer step skipped", float(norm))
+            log.warning("non-finite gradient norm %s: optimizer step skipped", norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -439,20 +491,30 @@ class _Accumulator:
 
 @contextlib.contextmanager
 def _swapped_weights(model: torch.nn.Module, weights: dict[str, Tensor] | None):
-    """Run the model with ``weights`` (names and shapes of its parameters, or of its trained ones) in place of its
-    own, without copying: each parameter's storage is re-pointed and restored on exit. None: the model's own."""
+    """Run the model with ``weights`` (same names, shapes and sharding as its parameters) in place of its own.
+    The values are exchanged in place, one parameter at a time (a sharded model gathers each parameter from
+    the storage FSDP allocated for it, which cannot be re-pointed): ``weights`` holds the model's own values
+    meanwhile, and both are exchanged back on exit. The extra memory is one parameter's shard. None: the
+    model's own weights."""
     if weights is None:
         yield
         return
+    sharded.reshard(model)  # the shards are the registered parameters, and what the next forward gathers
     params = {n: p for n, p in model.named_parameters() if n in weights}
-    saved = {n: p.data for n, p in params.items()}
+
+    def exchange() -> None:
+        sharded.reshard(model)
+        with torch.no_grad():
+            for n, p in params.items():
+                held = p.detach().clone()
+                p.copy_(weights[n])
+                weights[n].copy_(held)
+
+    exchange()
     try:
-        for n, p in params.items():
-            p.data = weights[n]
         yield
     finally:
-        for n, p in params.items():
-            p.data = saved[n]
+        exchange()
 
 
 def _split(n: int, parts: int) -> list[list[int]]:

@@ -49,6 +49,12 @@ def _default_model(run_dir: Path, target_reward: float, seed: int) -> Path:
 def up(
     run_dir: Path = RunDirOpt,
     producers: int = typer.Option(1, "--producers", "-n", min=0, help="producer processes to start"),
+    learner_ranks: int = typer.Option(
+        1,
+        "--learner-ranks",
+        min=1,
+        help="learner processes (torchrun on this machine when > 1; the model is sharded over them)",
+    ),
     max_steps: int = typer.Option(
         None, "--max-steps", help="stop after this many learner steps (the run's step count)"
     ),
@@ -105,13 +111,15 @@ def up(
     owns_redis = not pre.redis.url and running_embedded(pre.run_dir) is None
     settings = prepare(config, overrides, service="up")
     try:
-        _up(settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh)
+        _up(settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh, learner_ranks)
     finally:
         if owns_redis:
             stop_embedded(settings.run_dir)
 
 
-def _up(settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh) -> None:
+def _up(
+    settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh, learner_ranks=1
+) -> None:
     from common.hub import ModelLoadError, resolve_model_dir
     from ops.launcher import LocalCluster, LogTail
     from ops.report import format_summary, plot_runs, summarize
@@ -155,7 +163,7 @@ def _up(settings, config, producers, max_steps, minutes, model, warmstart_reward
     since_offset = metrics_path.stat().st_size if metrics_path.exists() else 0
     since_unix = time.time()
     learner_log = LogTail(rd / "logs" / "learner.out")
-    cluster.start_learner()
+    cluster.start_learner(ranks=learner_ranks)
     for _ in range(producers):
         cluster.add_producer()
     outcome = _watch(cluster, rd, minutes, max_steps, since_offset, learner_log)

@@ -36,6 +36,7 @@ class Child:
     log_path: Path
     cmd: list[str] = field(default_factory=list)
     threads: int = 1
+    ranks: int = 1  # > 1: a learner under torchrun (proc is torchrun, the ranks are its children)
 
     @property
     def alive(self) -> bool:
@@ -105,10 +106,18 @@ class LocalCluster:
             cmd += ["--config", self.config_file]
         return cmd
 
-    def _spawn(self, name: str, cmd: list[str], threads: int) -> Child:
+    def _spawn(
+        self, name: str, cmd: list[str], threads: int, extra_env: dict[str, str] | None = None
+    ) -> Child:
         log_path = self.run_dir / "logs" / f"{name}.out"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.env,
+            **(extra_env or {}),
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+        }
         env.pop("GSPO_REDIS_URL", None)  # the URL travels as a flag (never printed: logs redact it)
         out = log_path.open("ab")
         proc = subprocess.Popen(
@@ -123,9 +132,20 @@ class LocalCluster:
         log.info("started %s (pid %d), output in %s", name, proc.pid, log_path)
         return Child(name, proc, log_path, cmd, threads)
 
-    def start_learner(self, threads: int = 1) -> Child:
+    def start_learner(self, threads: int = 1, ranks: int = 1) -> Child:
+        """``gspo learner``; with ``ranks`` > 1 under torchrun on this machine (``--standalone``), each rank
+        with ``threads`` threads. The run id then goes as GSPO_RUN: torchrun's parser would read a ``--run``
+        after the module name as an abbreviation of its own ``--run-path``."""
         cmd = self._base("learner") + ["--threads", str(threads)] + self.learner_args
-        self.learner = self._spawn("learner", cmd, threads)
+        extra_env = None
+        if ranks > 1:
+            i = cmd.index("--run")
+            extra_env = {"GSPO_RUN": cmd[i + 1]}
+            del cmd[i : i + 2]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                   *cmd[1:]]  # fmt: skip
+        self.learner = self._spawn("learner", cmd, threads, extra_env)
+        self.learner.ranks = ranks
         return self.learner
 
     def add_producer(self, threads: int = 1) -> Child:
@@ -220,9 +240,30 @@ class LocalCluster:
         return codes
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc; empty elsewhere)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def _terminate(child: Child, timeout_s: float) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout_s``. A learner under torchrun: its ranks get the SIGTERM (rank 0
+    finishes its step, publishes and stops the others), so that torchrun sees them exit 0 and exits 0; torchrun
+    itself, signalled, would stop them and exit 1."""
     if child.alive:
-        child.proc.send_signal(signal.SIGTERM)
+        ranks = _children(child.proc.pid) if child.ranks > 1 else []
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        if not ranks:
+            child.proc.send_signal(signal.SIGTERM)
         try:
             child.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

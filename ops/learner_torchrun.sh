@@ -8,10 +8,15 @@
 #   NNODES=2 RDZV_ENDPOINT=node0.internal:29400 GPUS=8 ... ops/learner_torchrun.sh
 #
 # Global rank 0 talks to Redis (pulls groups, acks, publishes checkpoints) and broadcasts each
-# batch to the other ranks; every rank trains its slice and gradients are summed (learner/distributed.py).
+# batch to the other ranks. The parameters, gradients and AdamW state are sharded over all ranks of all
+# nodes with FSDP2 (learner/sharded.py): every rank trains its share of each batch and writes its shard
+# of each checkpoint; rank 0 then consolidates the published HF weights.
 # RUN_DIR must be a shared filesystem visible at the same path on every learner node and every
-# generation host: checkpoints land in RUN_DIR/checkpoints (or learner.checkpoint_dir) and SGLang
-# loads them from the announced absolute path.
+# generation host: checkpoints (and every rank's shards) land in RUN_DIR/checkpoints (or
+# learner.checkpoint_dir) and SGLang loads them from the announced absolute path.
+# bf16 compute (fp32 master weights, gradient reduction and AdamW state), CPU offload of the shards and
+# gradient checkpointing are config fields: GSPO_LEARNER__PRECISION=bf16, GSPO_LEARNER__CPU_OFFLOAD=true,
+# GSPO_LEARNER__GRADIENT_CHECKPOINTING=true in the environment (or the TOML config).
 #
 # Environment:
 #   MODEL_PATH       starting model (ignored when resuming from RUN_DIR's newest STABLE checkpoint)

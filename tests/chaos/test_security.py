@@ -217,10 +217,14 @@ def _plant(step_dir: Path, marker: Path, *, drop_safetensors: bool) -> None:
     for rel in ("pytorch_model.bin", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                 "trainer_state/optimizer.pt", "trainer_state/rng_state.pth", "trainer_state/trainer_state.pkl"):  # fmt: skip
         (step_dir / rel).write_bytes(bomb)
-    for rel in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.pkl", "adapter_model.bin"):
+    # optimizer/.metadata and *.distcp: the pickled index and data of torch.distributed.checkpoint's own format
+    for rel in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.pkl", "adapter_model.bin",
+                "optimizer/.metadata", "optimizer/__0_0.distcp"):  # fmt: skip
+        (private / rel).parent.mkdir(exist_ok=True)
         (private / rel).write_bytes(bomb)
     if drop_safetensors:
-        (step_dir / "model.safetensors").unlink()
+        for f in [*step_dir.glob("*.safetensors"), step_dir / "model.safetensors.index.json"]:
+            f.unlink(missing_ok=True)
     for d in (step_dir, private):
         old, _ = read_manifest(d)
         files = hash_tree(d)

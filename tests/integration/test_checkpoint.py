@@ -30,6 +30,7 @@ from learner.checkpoint import (
     take_snapshot,
     write_checkpoint,
 )
+from learner.sharded import full_value
 from learner.trainer import Trainer
 from modeling import load_model, load_tokenizer
 from tests.integration.test_learner_step import hand_groups, settings
@@ -56,6 +57,8 @@ def publish(trainer: Trainer, root: Path, step: int, tiny_model_dir: Path) -> tu
         counters={"consumed": 7, "prompt_cursor": 40},
         entry_ids=["1-0", "2-0"],
         trained_ids=["g0", "g1"],
+        root=root,
+        state_root=state_of(root),
     )
     return write_checkpoint(
         root,
@@ -79,14 +82,15 @@ def test_published_checkpoint_verifies_and_loads_with_from_pretrained(tiny_model
     assert (manifest.step, manifest.version, manifest.parent, manifest.model_fingerprint) == (1, 1, 0, "fp")
     assert read_manifest(path)[1] == digest
     # producers download what they load and nothing else: weights, config, generation config, tokenizer
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(
-        manifest.files
-    )
+    weights = {"model-00001-of-00001.safetensors", "model.safetensors.index.json"}  # consolidated shards
+    assert {*weights, "config.json", "generation_config.json", "tokenizer.json"} <= set(manifest.files)
+    assert not [f for f in manifest.files if "shard" in f]
     assert not [f for f in manifest.files if "trainer" in f or f.startswith(("tensors", "state", "trained"))]
     assert sorted(p.name for p in path.iterdir()) == sorted({*manifest.files, MANIFEST, "STABLE"})
     # the optimizer and trainer state stay with the learner, verified the same way
     private = state_of(root) / "step_00000001"
     assert sorted(verify_checkpoint(private).files) == [
+        "optimizer/shard-00001-model-00001-of-00001.safetensors",  # this rank's shard of the AdamW state
         "state.json",
         "tensors.safetensors",
         "trained_ids.json",
@@ -94,19 +98,25 @@ def test_published_checkpoint_verifies_and_loads_with_from_pretrained(tiny_model
     loaded = AutoModelForCausalLM.from_pretrained(path)
     want = trainer.model.state_dict()
     for k, v in loaded.state_dict().items():
-        assert torch.equal(v, want[k]), k
+        assert torch.equal(v, full_value(want[k])), k
     assert not list(root.glob(".tmp-*")) and not list(state_of(root).glob(".tmp-*"))
 
 
 def test_snapshot_is_isolated_from_later_steps(tiny_model_dir, tmp_path) -> None:
+    """The weights published are those of the snapshot's step, though the write ends after another step."""
+    from transformers import AutoModelForCausalLM
+
     trainer = trained(tiny_model_dir)
-    snap = take_snapshot(
-        trainer.model, trainer.optimizer, trainer.scheduler, step=1, counters={}, entry_ids=[], trained_ids=[]
-    )
-    before = {k: v.clone() for k, v in snap.model_state.items()}
+    root = tmp_path / "ckpt"
+    before = {k: full_value(v).clone() for k, v in trainer.model.state_dict().items()}
+    snap = take_snapshot(trainer.model, trainer.optimizer, trainer.scheduler, step=1, counters={}, entry_ids=[],
+                         trained_ids=[], root=root, state_root=state_of(root))  # fmt: skip
     trainer.train_step(build_batch(hand_groups(trainer.model, seed=5)))
-    assert all(torch.equal(before[k], snap.model_state[k]) for k in before)
-    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    path, _ = write_checkpoint(root, snap, trainer.model, load_tokenizer(tiny_model_dir), "fp", parent=None,
+                               state_root=state_of(root))  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert all(torch.equal(before[k], loaded[k]) for k in before)
+    assert any(not torch.equal(before[k], full_value(v)) for k, v in trainer.model.state_dict().items())
 
 
 def test_trainer_state_round_trip(tiny_model_dir, tmp_path) -> None:
@@ -117,12 +127,13 @@ def test_trainer_state_round_trip(tiny_model_dir, tmp_path) -> None:
     assert state.entry_ids == ["1-0", "2-0"] and state.trained_ids == ["g0", "g1"]
     fresh = Trainer(load_model(path), settings(warmup_steps=5))
     torch.manual_seed(123)
-    restore(fresh.optimizer, fresh.scheduler, state)
+    restore(fresh.model, fresh.optimizer, fresh.scheduler, state)
     a, b = trainer.optimizer.state_dict(), fresh.optimizer.state_dict()
     assert a["param_groups"] == b["param_groups"]
+    assert len(a["state"]) == len(b["state"]) > 0
     for i, st in a["state"].items():
         for name, t in st.items():
-            assert torch.equal(t, b["state"][i][name]), (i, name)
+            assert torch.equal(full_value(t), full_value(b["state"][i][name])), (i, name)
     assert fresh.scheduler.state_dict() == trainer.scheduler.state_dict()
     assert fresh.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
     assert torch.equal(torch.get_rng_state(), state.rng["torch_cpu"])
@@ -131,7 +142,44 @@ def test_trainer_state_round_trip(tiny_model_dir, tmp_path) -> None:
     m1, m2 = trainer.train_step(batch), fresh.train_step(batch)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-7)
     for (k, v), w in zip(trainer.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
-        assert torch.allclose(v, w, atol=1e-7), k
+        assert torch.allclose(full_value(v), full_value(w), atol=1e-7), k
+
+
+def test_a_whole_optimizer_state_resumes_on_a_sharded_model(tiny_model_dir, tmp_path) -> None:
+    """A trainer state whose optimizer state is whole (no format: what the single-process learner wrote, the whole
+    optimizer.state_dict() in tensors.safetensors): the sharded learner takes its shard of it."""
+    from safetensors.torch import save_file
+
+    from learner.checkpoint import flatten, rng_state
+
+    root = tmp_path / "ckpt"
+    path, _ = publish(trained(tiny_model_dir), root, 1, tiny_model_dir)
+    plain = load_model(tiny_model_dir)  # an unsharded model and AdamW after one step, as that learner had
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(5)
+    for p in plain.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    d = state_of(root) / path.name
+    state = json.loads((d / "state.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    state.pop("format")
+    state["optimizer"] = flatten(optimizer.state_dict(), tensors, "optimizer")
+    state["rng"] = flatten(rng_state(), tensors, "rng")
+    save_file(tensors, str(d / "tensors.safetensors"))
+    (d / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(d / "optimizer")
+
+    loaded = load_trainer_state(path, state_of(root), verify=False)
+    assert loaded.whole_optimizer and loaded.scheduler["last_epoch"] == 1
+    fresh = Trainer(load_model(path), settings(warmup_steps=5))
+    restore(fresh.model, fresh.optimizer, fresh.scheduler, loaded)
+    want, got = optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert got["param_groups"][0]["weight_decay"] == 0.1 and got["param_groups"][0]["lr"] == 1e-2
+    assert len(got["state"]) == len(want["state"]) > 0
+    for i, st in want["state"].items():
+        for name, t in st.items():
+            assert torch.equal(full_value(got["state"][i][name]), t), (i, name)
 
 
 class _Bomb:
@@ -181,7 +229,7 @@ def test_newest_verified_skips_corrupt_and_prune_keeps_the_newest(tiny_model_dir
     (root / ".tmp-step_00000005").mkdir()
     (states / ".tmp-step_00000005").mkdir()
     assert remove_stale_tmp(root, states) == 2
-    (root / "step_00000004" / "model.safetensors").write_bytes(b"garbage")
+    (root / "step_00000004" / "model-00001-of-00001.safetensors").write_bytes(b"garbage")
     shutil.rmtree(states / "step_00000003")  # a published step without its trainer state is not resumed from
     assert newest_verified(root, states) == root / "step_00000002"
     assert [p.name for p in prune(root, keep=2, state_root=states)] == ["step_00000001", "step_00000002"]
@@ -218,10 +266,13 @@ def test_a_step_of_the_earlier_layout_resumes(tiny_model_dir, tmp_path) -> None:
         want.step, want.counters, want.entry_ids, want.trained_steps
     )  # fmt: skip
     fresh = Trainer(load_model(path), settings(warmup_steps=5))
-    restore(fresh.optimizer, fresh.scheduler, got)
+    restore(fresh.model, fresh.optimizer, fresh.scheduler, got)
     for i, st in trainer.optimizer.state_dict()["state"].items():
         for name, t in st.items():
-            assert torch.equal(t, fresh.optimizer.state_dict()["state"][i][name]), (i, name)
+            assert torch.equal(full_value(t), full_value(fresh.optimizer.state_dict()["state"][i][name])), (
+                i,
+                name,
+            )
     # the next checkpoint is written in the current layout, and pruning removes the earlier one whole
     publish(fresh, root, 4, tiny_model_dir)
     assert (

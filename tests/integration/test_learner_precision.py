@@ -13,6 +13,7 @@ import torch
 from common.hub import ModelLoadError, resolve_model_dir
 from learner.batching import build_batch
 from learner.logprobs import token_logprobs
+from learner.sharded import full_value
 from learner.trainer import Trainer, batch_advantages
 from modeling import load_model
 from tests.integration.test_learner_step import hand_groups, settings
@@ -30,7 +31,11 @@ def _step_with_grads(trainer: Trainer, batch) -> tuple[dict, dict[str, torch.Ten
 
     def capture(*_):
         grads.update(
-            {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            {
+                n: full_value(p.grad.detach()).clone()  # a sharded model's gradients: gathered
+                for n, p in trainer.model.named_parameters()
+                if p.grad is not None
+            }
         )
 
     handle = trainer.optimizer.register_step_pre_hook(capture)

@@ -182,7 +182,8 @@ def test_first_minibatch_takes_its_proximal_values_from_its_own_forward(tiny_mod
     from learner.logprobs import token_logprobs
 
     class AllFromAPass(Trainer):
-        def _proximal(self, batch, mine):
+        def _proximal(self, batch, plans):
+            mine = sorted(i for plan in plans for micro in plan[self.world.rank] for i in micro)
             lps = token_logprobs(self.model, batch.sequences(mine), batch.temperatures[mine].tolist())
             return dict(zip(mine, lps, strict=True)), 0
 

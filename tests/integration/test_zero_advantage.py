@@ -13,6 +13,7 @@ import torch
 
 from common.wire import RolloutGroup, Sample
 from learner.batching import build_batch
+from learner.sharded import full_value
 from learner.trainer import Trainer
 from modeling import load_model
 from tests.integration.test_learner_step import one_by_one, settings
@@ -59,13 +60,17 @@ def step(model, batch, skip: bool, **learner):
     def capture(*a, **k):  # the gradients AdamW sees at its first step (later ones start from other weights)
         if not grads:
             grads.update(
-                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+                {
+                    n: full_value(p.grad.detach()).clone()
+                    for n, p in model.named_parameters()
+                    if p.grad is not None
+                }
             )
         return real_step(*a, **k)
 
     trainer.optimizer.step = capture
     metrics = trainer.train_step(batch)
-    return metrics, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return metrics, grads, {n: full_value(p.detach()).clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("n_minibatches", [1, 2])
