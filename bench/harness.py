@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ def run_pipeline(
     timeout_s: float = 900.0,
 ) -> RunResult:
     run_dir = root / name
+    if run_dir.exists():  # a previous run's checkpoints would be resumed and its metrics read back
+        shutil.rmtree(run_dir)
     k = ["--max-staleness", str(max_staleness)]
     cluster = LocalCluster(
         run=name.replace("/", "-"),
