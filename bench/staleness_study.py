@@ -29,6 +29,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ops.report import rolling_mean
+
 # arm -> (settings overrides, description); every arm states its mini-batch count and anchor
 ARMS: dict[str, tuple[dict, str]] = {
     "decoupled": (
@@ -108,19 +110,9 @@ def cell_key(cond: str, arm: str, k: int, seed: int) -> str:
     return f"{cond}/{arm}/k{k}/s{seed}"
 
 
-def rolling(values: list[float], n: int = ROLL) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= n:
-            acc -= values[i - n]
-        out.append(acc / min(i + 1, n))
-    return out
-
-
 def steps_to(values: list[float], threshold: float) -> int | None:
     """First step (1-based) whose ROLL-step rolling mean reaches ``threshold`` (a full window needed)."""
-    for i, r in enumerate(rolling(values)):
+    for i, r in enumerate(rolling_mean(values, ROLL)):
         if i + 1 >= ROLL and r >= threshold:
             return i + 1
     return None
@@ -342,7 +334,7 @@ def _plot(cells: dict[tuple[str, str, int], list[dict]], out: Path) -> None:
                 if not rs:
                     continue
                 n = min(len(r["rewards"]) for r in rs)
-                curves = [rolling(r["rewards"][:n]) for r in rs]
+                curves = [rolling_mean(r["rewards"][:n], ROLL) for r in rs]
                 ax.plot(
                     range(1, n + 1), [statistics.fmean(c[t] for c in curves) for t in range(n)], label=arm
                 )
