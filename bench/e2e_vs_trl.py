@@ -64,24 +64,47 @@ def _loadavg() -> list[float] | None:
 
 
 # --------------------------------------------------------------------------- the two runs
-def run_ours(out: Path, model: Path, budget_s: float, producers: int) -> None:
-    """The real pipeline for ``budget_s`` seconds from launch; metrics.jsonl + launch.json in ``out``."""
+def run_ours(
+    out: Path,
+    model: Path,
+    budget_s: float,
+    producers: int,
+    learner_threads: int | None = None,
+    producer_threads: int | None = None,
+    max_staleness: int | None = None,
+) -> None:
+    """The real pipeline for ``budget_s`` seconds from launch; metrics.jsonl + launch.json in ``out``.
+    Threads: ``gspo up``'s rule (ops/threads.py) unless given; K: the default unless given."""
     from common.redis_conn import RedisServer
+    from ops.threads import thread_plan
 
     if out.exists():
         shutil.rmtree(out)  # a stale run dir would be resumed from its checkpoints
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp) / "redis").start()
-        cluster = LocalCluster(run="e2e-ours", run_dir=out, redis_url=redis.url, model=str(model))
+        plan = thread_plan(producers, 1, learner_threads, producer_threads)
+        learner_args = [] if max_staleness is None else ["--max-staleness", str(max_staleness)]
+        cluster = LocalCluster(
+            run="e2e-ours", run_dir=out, redis_url=redis.url, model=str(model), learner_args=learner_args
+        )
         try:
             t0 = time.time()
             (out / "launch.json").write_text(
-                json.dumps({"t0": t0, "budget_s": budget_s, "producers": producers})
+                json.dumps(
+                    {
+                        "t0": t0,
+                        "budget_s": budget_s,
+                        "producers": producers,
+                        "learner_threads": plan.learner,
+                        "producer_threads": plan.producer,
+                        "max_staleness": max_staleness,
+                    }
+                )
             )
-            cluster.start_learner()
+            cluster.start_learner(threads=plan.learner)
             for _ in range(producers):
-                cluster.add_producer()
+                cluster.add_producer(threads=plan.producer)
             wait_until(lambda: not cluster.learner.alive, budget_s - (time.time() - t0), poll_s=0.5)
             died = not cluster.learner.alive
             codes = cluster.stop()
@@ -309,7 +332,9 @@ def report(out: Path, settings: Settings, extra: dict) -> dict:
         f"({s.loss.clip_low}, {s.loss.clip_high}), max_new_tokens {s.producer.sampling.max_new_tokens}"
     )
     print(
-        f"ours: learner + {ours_launch.get('producers')} producer process(es), 1 torch thread each; "
+        f"ours: learner ({ours_launch.get('learner_threads', 1)} torch threads) + {ours_launch.get('producers')} "
+        f"producer process(es) ({ours_launch.get('producer_threads', 1)} each), K = "
+        f"{ours_launch.get('max_staleness') if ours_launch.get('max_staleness') is not None else s.pipeline.max_staleness}; "
         f"TRL {peer.get('trl_version', '?')} (transformers {peer.get('transformers_version', '?')}, "
         f"torch {peer.get('torch_version', '?')}): one process, {trl_launch.get('threads')} torch threads"
     )
@@ -408,6 +433,15 @@ def main() -> None:
     ap.add_argument(
         "--producers", type=int, default=1, help="producer processes of ours (gspo up's default: 1)"
     )
+    ap.add_argument("--learner-threads", type=int, default=None, help="ours: [default: gspo up's rule]")
+    ap.add_argument("--producer-threads", type=int, default=None, help="ours: [default: gspo up's rule]")
+    ap.add_argument("-K", "--max-staleness", type=int, default=None, help="ours: [default: the project's]")
+    ap.add_argument(
+        "--only",
+        choices=("ours", "trl"),
+        default=None,
+        help="run one side and report against the other side's previous run in --out",
+    )
     ap.add_argument(
         "--analyse-only", action="store_true", help="recompute the summary from the runs in --out"
     )
@@ -428,10 +462,15 @@ def main() -> None:
     budget_s = args.minutes * 60
     load_start = _loadavg()
     print(f"model: {model}; budget {args.minutes} min per side; load average {load_start}", flush=True)
-    print("running ours (learner + producers) ...", flush=True)
-    run_ours(args.out / "ours", model, budget_s, args.producers)
-    print("running TRL GRPOTrainer (GSPO) ...", flush=True)
-    run_trl(args.out / "trl", model, budget_s, args.trl_python, args.threads, settings)
+    if args.only != "trl":
+        print("running ours (learner + producers) ...", flush=True)
+        run_ours(
+            args.out / "ours", model, budget_s, args.producers, args.learner_threads, args.producer_threads,
+            args.max_staleness,
+        )  # fmt: skip
+    if args.only != "ours":
+        print("running TRL GRPOTrainer (GSPO) ...", flush=True)
+        run_trl(args.out / "trl", model, budget_s, args.trl_python, args.threads, settings)
     report(args.out, settings, {"model": str(model), "load_average_start": load_start})
 
 

@@ -93,6 +93,29 @@ ARMS: dict[str, tuple[dict, str]] = {
         {"loss": {"proximal": "recompute"}, "learner": {"n_minibatches": 2, "lr": 1.5e-4}},
         "recompute, lr 1.5e-4",
     ),
+    "version-nmb4": (
+        {"loss": {"proximal": "version"}, "learner": {"n_minibatches": 4}},
+        "version, 4 mini-batches",
+    ),
+    "version-lr-half": (
+        {"loss": {"proximal": "version"}, "learner": {"n_minibatches": 2, "lr": 1.5e-4}},
+        "version, lr 1.5e-4",
+    ),
+    # the band widened to the drift of one update: a K = 1 sample has moved ~0.09 nats per token (mean
+    # |log s| of the study), 300 times the paper's 3e-4, so scales of 0.5-2 leave every stale sequence
+    # outside the band; 30 / 100 / 300 put ε(1) at ~0.01 / 0.03 / 0.09
+    "version-band30": (
+        {"loss": {"proximal": "version", "clip_stale_scale": 30.0}, "learner": {"n_minibatches": 2}},
+        "version + band widened by (1 + 30k)",
+    ),
+    "version-band100": (
+        {"loss": {"proximal": "version", "clip_stale_scale": 100.0}, "learner": {"n_minibatches": 2}},
+        "version + band widened by (1 + 100k)",
+    ),
+    "version-band300": (
+        {"loss": {"proximal": "version", "clip_stale_scale": 300.0}, "learner": {"n_minibatches": 2}},
+        "version + band widened by (1 + 300k)",
+    ),
     "grpo": (
         {
             "loss": {"variant": "grpo", "proximal": "recompute", "clip_low": 0.2, "clip_high": 0.27},
@@ -124,6 +147,7 @@ def run_cell(model_dir: Path, cond: str, arm: str, k: int, seed: int, steps: int
     from common.config import Settings
     from common.tasks import addition_reward, addition_rows
     from learner.batching import TrainBatch
+    from learner.sharded import full_value
     from learner.trainer import Trainer
     from modeling import load_model
     from producer.engines.base import SamplingParams
@@ -146,7 +170,8 @@ def run_cell(model_dir: Path, cond: str, arm: str, k: int, seed: int, steps: int
     sampling = SamplingParams(temperature=sp.temperature, max_new_tokens=sp.max_new_tokens)
     B, G = settings.pipeline.batch_groups, settings.pipeline.group_size
     stop_ids = set(engine.eos_ids)
-    history = {0: {n: p.detach().clone() for n, p in model.named_parameters()}}
+    # the trainer shards the model (a process group of one): snapshot plain tensors for the engine
+    history = {0: {n: full_value(p.detach()).clone() for n, p in model.named_parameters()}}
     rows = addition_rows(seed=10_000 + seed)
     served = -1
     rewards, trace = [], []
@@ -181,7 +206,7 @@ def run_cell(model_dir: Path, cond: str, arm: str, k: int, seed: int, steps: int
             group_sizes=[G] * B,
         )
         m = trainer.train_step(batch)
-        history[v + 1] = {n_: p.detach().clone() for n_, p in model.named_parameters()}
+        history[v + 1] = {n_: full_value(p.detach()).clone() for n_, p in model.named_parameters()}
         for old in [x for x in history if x < v + 1 - k]:
             del history[old]
         rewards.append(sum(rew) / n)

@@ -239,7 +239,7 @@ class LossSettings(_Section):
     )
     clip_high: float = Field(4e-4, gt=0, le=10, description="ε_high (GSPO paper: 4e-4; GRPO: 0.27)")
     clip_stale_scale: float = Field(
-        0.0, ge=0, le=100, description="band widens by (1 + scale·k) for staleness k"
+        0.0, ge=0, le=1000, description="band widens by (1 + scale·k) for staleness k"
     )
     is_mode: Literal["truncate", "mask", "none"] = Field(
         "truncate", description="behaviour correction of stale data"

@@ -76,6 +76,15 @@ def up(
     redis_url: str = RedisUrlOpt,
     run: str = RunOpt,
     max_staleness: int = typer.Option(None, "--max-staleness", "-K"),
+    learner_threads: int = typer.Option(
+        None,
+        "--learner-threads",
+        min=1,
+        help="torch threads of the learner (each rank) [default: the rule in ops/threads.py]",
+    ),
+    producer_threads: int = typer.Option(
+        None, "--producer-threads", min=1, help="torch threads of each producer [default: 1]"
+    ),
     warmstart_reward: float = typer.Option(
         0.2, "--warmstart-reward", help="target sampled reward of the warm-start"
     ),
@@ -111,14 +120,30 @@ def up(
     owns_redis = not pre.redis.url and running_embedded(pre.run_dir) is None
     settings = prepare(config, overrides, service="up")
     try:
-        _up(settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh, learner_ranks)
+        from ops.threads import thread_plan
+
+        threads = thread_plan(producers, learner_ranks, learner_threads, producer_threads)
+        typer.echo(f"threads: {threads.describe()}")
+        _up(
+            settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh, learner_ranks,
+            threads,
+        )  # fmt: skip
     finally:
         if owns_redis:
             stop_embedded(settings.run_dir)
 
 
 def _up(
-    settings, config, producers, max_steps, minutes, model, warmstart_reward, fresh, learner_ranks=1
+    settings,
+    config,
+    producers,
+    max_steps,
+    minutes,
+    model,
+    warmstart_reward,
+    fresh,
+    learner_ranks=1,
+    threads=None,
 ) -> None:
     from common.hub import ModelLoadError, resolve_model_dir
     from ops.launcher import LocalCluster, LogTail
@@ -163,9 +188,13 @@ def _up(
     since_offset = metrics_path.stat().st_size if metrics_path.exists() else 0
     since_unix = time.time()
     learner_log = LogTail(rd / "logs" / "learner.out")
-    cluster.start_learner(ranks=learner_ranks)
+    if threads is None:
+        from ops.threads import thread_plan
+
+        threads = thread_plan(producers, learner_ranks)
+    cluster.start_learner(threads=threads.learner, ranks=learner_ranks)
     for _ in range(producers):
-        cluster.add_producer()
+        cluster.add_producer(threads=threads.producer)
     outcome = _watch(cluster, rd, minutes, max_steps, since_offset, learner_log)
     typer.echo(f"stopping ({outcome.reason}) ...")
     running = set(cluster.live_producers())

@@ -1,0 +1,52 @@
+"""How many torch threads ``gspo up`` gives each process it starts on one machine.
+
+The learner and the producers share the machine's cores. Each producer gets one thread (``--producer-threads``
+overrides): on a small model its engine call is a chain of tiny kernels that a second thread barely speeds up.
+The learner (each rank) gets the cores the producers leave, at least one (``--learner-threads`` overrides):
+its forward and backward passes are the larger matrix products that do scale with threads.
+
+The rule is measured, not assumed: ``python -m bench.e2e_vs_trl --only ours --learner-threads N`` runs the
+reference task with N learner threads (README, "Benchmarks", has the figures for this machine).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; cgroup CPU quotas are not read)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    learner: int  # per rank
+    producer: int  # per producer process
+    cores: int
+    rule: str
+
+    def describe(self) -> str:
+        return f"learner {self.learner} per rank, producers {self.producer} each ({self.rule}; {self.cores} cores)"
+
+
+def thread_plan(
+    producers: int,
+    learner_ranks: int = 1,
+    learner_threads: int | None = None,
+    producer_threads: int | None = None,
+    cores: int | None = None,
+) -> ThreadPlan:
+    """Threads per learner rank and per producer for ``producers`` producers and ``learner_ranks`` ranks on
+    ``cores`` cores (default: :func:`usable_cores`). Explicit values win; the rest follow the module rule."""
+    cores = usable_cores() if cores is None else cores
+    producer = producer_threads or 1
+    if learner_threads:
+        return ThreadPlan(learner_threads, producer, cores, "as given")
+    left = cores - producers * producer
+    learner = max(1, left // max(1, learner_ranks))
+    return ThreadPlan(learner, producer, cores, "learner: the cores the producers leave, at least 1")
