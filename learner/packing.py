@@ -9,6 +9,7 @@ so it is never attended to by real tokens either.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,16 +53,18 @@ def plan_rows(lengths: Sequence[int], max_row_tokens: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     n_rows = -(-sum(lengths) // max_row_tokens)
     rows: list[list[int]] = [[] for _ in range(n_rows)]
-    loads = [0] * n_rows
+    # the least-loaded row has the most room: if the sequence does not fit there, it fits nowhere. A heap of
+    # (load, row) pops the least-loaded row, lowest index first among equal loads.
+    heap = [(0, r) for r in range(n_rows)]
     for i in order:
-        fits = [r for r in range(len(rows)) if loads[r] + lengths[i] <= max_row_tokens]
-        if not fits:
-            rows.append([])
-            loads.append(0)
-            fits = [len(rows) - 1]
-        r = min(fits, key=lambda r: loads[r])
-        rows[r].append(i)
-        loads[r] += lengths[i]
+        n = lengths[i]
+        if heap and heap[0][0] + n <= max_row_tokens:
+            load, r = heap[0]
+            rows[r].append(i)
+            heapq.heapreplace(heap, (load + n, r))
+        else:
+            rows.append([i])
+            heapq.heappush(heap, (n, len(rows) - 1))
     return [row for row in rows if row]
 
 
@@ -77,30 +80,35 @@ def pack(
     lengths = [len(p) + len(c) for p, c in sequences]
     rows = plan_rows(lengths, max_row_tokens)
     width = max((sum(lengths[i] for i in row) for row in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    flat_ids: list[int] = []
+    flat_pos: list[int] = []
     placements: list[Placement | None] = [None] * len(sequences)
     for r, row in enumerate(rows):
         col = 0
         for i in row:
             p, c = sequences[i]
-            n = lengths[i]
-            ids[r, col : col + n] = torch.tensor(list(p) + list(c), dtype=torch.long)
-            pos[r, col : col + n] = torch.arange(n)
+            flat_ids.extend(p)
+            flat_ids.extend(c)
+            flat_pos.extend(range(lengths[i]))
             placements[i] = Placement(r, col, len(p), len(c))
-            col += n
-        pos[r, col:] = torch.arange(width - col)  # padding: a segment of its own
+            col += lengths[i]
+        flat_ids.extend([pad_id] * (width - col))
+        flat_pos.extend(range(width - col))  # padding: a segment of its own
+    # one tensor per field built from plain lists (a small tensor op per sequence costs more than the copy)
+    ids = torch.tensor(flat_ids, dtype=torch.long).view(len(rows), width)
+    pos = torch.tensor(flat_pos, dtype=torch.long).view(len(rows), width)
     return PackedRows(ids, pos, placements, sum(lengths))  # type: ignore[arg-type]
 
 
 def completion_logit_index(packed: PackedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, targets) of every completion token, input order: the logits at (row, col)
     predict the token ``targets`` (the token at col + 1)."""
-    rows, cols = [], []
+    rows: list[int] = []
+    cols: list[int] = []
     for pl in packed.placements:
         first = pl.start + pl.prompt_len - 1
-        cols.append(torch.arange(first, first + pl.completion_len))
-        rows.append(torch.full((pl.completion_len,), pl.row, dtype=torch.long))
-    r = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-    c = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+        cols.extend(range(first, first + pl.completion_len))
+        rows.extend([pl.row] * pl.completion_len)
+    r = torch.tensor(rows, dtype=torch.long)
+    c = torch.tensor(cols, dtype=torch.long)
     return r, c, packed.input_ids[r, c + 1]

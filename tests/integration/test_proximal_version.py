@@ -35,6 +35,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _mean_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum((a[n] - b[n]).abs().sum().item() for n in a) / sum(a[n].numel() for n in a)
+
+
 def _run(base, proximal: str, batches) -> tuple[Trainer, list[dict], dict[str, torch.Tensor]]:
     model = copy.deepcopy(base)
     trainer = Trainer(model, _settings(proximal))
@@ -54,12 +58,14 @@ def test_version_anchor_is_the_generating_weights(tiny_model_dir) -> None:
 
     assert tv.version == 2 and sorted(tv._snapshots) == [0, 1]  # K = 1: the last two versions
     assert mv[1]["proximal/missing_version"] == 0
-    # the engine computed version 0's exact numbers: anchoring on them or on the learner's copy is one step
-    for n in wv:
-        torch.testing.assert_close(wv[n], wb[n], atol=2e-5, rtol=0)
+    # the engine computed version 0's exact numbers: anchoring on them or on the learner's copy is one step, up
+    # to float rounding (the two log-prob computations differ in the last bits, which AdamW's normalisation can
+    # turn into ~1e-4 on the odd weight whose gradient is ~0; measured: mean |Δ| 2e-7, max 1e-4)
+    assert _mean_abs_diff(wv, wb) < 1e-5
+    assert max((wv[n] - wb[n]).abs().max().item() for n in wv) < 1e-3
     assert abs(mv[1]["gspo/clip_frac"] - mb[1]["gspo/clip_frac"]) < 1e-9
-    # recompute anchors the stale batch on version 1's weights: another step
-    assert max((wv[n] - wr[n]).abs().max().item() for n in wv) > 1e-4
+    # recompute anchors the stale batch on version 1's weights: another step (measured: mean |Δ| 2e-3)
+    assert _mean_abs_diff(wv, wr) > 1e-4
     assert mv[1]["gspo/clip_frac"] != mr[1]["gspo/clip_frac"]
 
 
