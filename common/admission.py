@@ -9,6 +9,10 @@ consumed at about version ``v + outstanding / B``; its staleness stays <= K iff
 ``(K + w + 1)·B − (accepted + running)``. Before any learner exists the bound is at least
 ``prefill_min_groups``.
 
+A producer admits its whole batch in one script call (:meth:`Admitter.admit_many`, one round trip per engine
+call): the group ids in order, each decided exactly as a call for it alone would decide it, up to the first
+refusal. :meth:`Admitter.try_admit` is the same script with one id, so there is one bound.
+
 **Every admitted group ends in exactly one terminal state that frees its slot**, so
 ``outstanding = admitted − consumed − released``:
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.keys import RunKeys
@@ -53,47 +58,55 @@ SHAPE_FIELDS = ("max_staleness", "batch_groups", "group_size")
 
 _ADMIT = """
 -- KEYS: admitted_count, admissions_open, admissions_version, learner_state, released_count
--- ARGV: group_id, w, K, B, prefill_min, lease_s, G (0 = not checked), now (unix s), expire_batch
--- returns {status, headroom, K, B, expired}: status 1 admitted, 0 refused, -1 wrong G (headroom = the
--- learner's G); expired: admissions closed as expired by this call
+-- ARGV: w, K, B, prefill_min, lease_s, G (0 = not checked), now (unix s), expire_batch, group_id...
+-- Admits the group ids in order, each exactly as if it were the only one of its call, and stops at the first
+-- refusal. Returns {n, headroom, K, B, expired}: n the ids admitted (a prefix of them), or -1 if the learner's
+-- G differs (headroom = the learner's G; nothing is touched then); headroom the last id's (see Admission:
+-- -1 for a re-admission, <= 0 for a refusal); expired the admissions closed as expired by this call
 local s = redis.call('HMGET', KEYS[4], 'next_version', 'version', 'consumed', 'max_staleness', 'batch_groups',
                      'group_size')
 -- the learner's K and B once it has written them; the producer's own only before (the prefill)
-local K, B = tonumber(s[4] or ARGV[3]), tonumber(s[5] or ARGV[4])
-local G = tonumber(ARGV[7])
+local K, B = tonumber(s[4] or ARGV[2]), tonumber(s[5] or ARGV[3])
+local G = tonumber(ARGV[6])
 if s[6] and G > 0 and tonumber(s[6]) ~= G then return {-1, tonumber(s[6]), K, B, 0} end
-local w, now = tonumber(ARGV[2]), tonumber(ARGV[8])
--- admissions open for longer than the lease will never be appended: close them, count them released
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[6]), 'LIMIT', 0, tonumber(ARGV[9]))
-if #old > 0 then
-  redis.call('ZREM', KEYS[2], unpack(old))
-  redis.call('ZREM', KEYS[3], unpack(old))
-  redis.call('INCRBY', KEYS[5], #old)
-end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  -- a reclaimed or retried prompt: its admission is re-used, with a fresh lease and the newer version
-  redis.call('ZADD', KEYS[2], now, ARGV[1])
-  local had = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or '0')
-  if w > had then redis.call('ZADD', KEYS[3], w, ARGV[1]) end
-  return {1, -1, K, B, #old}
-end
+local w, now, lease, batch = tonumber(ARGV[1]), tonumber(ARGV[7]), tonumber(ARGV[5]), tonumber(ARGV[8])
+-- the bound: nothing it reads from the learner changes during the call
 local v = tonumber(s[1] or s[2] or '0')
 local consumed = tonumber(s[3] or '0')
-local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
-local released = tonumber(redis.call('GET', KEYS[5]) or '0')
-local prefill = tonumber(ARGV[5])
 local lag = v - w
 if lag < 0 then lag = 0 end
 local cap = (K + 1 - lag) * B
-if v == 0 and consumed == 0 and cap < prefill then cap = prefill end
-local outstanding = admitted - consumed - released
-if outstanding < cap then
-  redis.call('INCR', KEYS[1])
-  redis.call('ZADD', KEYS[2], now, ARGV[1])
-  redis.call('ZADD', KEYS[3], w, ARGV[1])
-  return {1, cap - outstanding - 1, K, B, #old}
+if v == 0 and consumed == 0 and cap < tonumber(ARGV[4]) then cap = tonumber(ARGV[4]) end
+local n, headroom, expired = 0, 0, 0
+for i = 9, #ARGV do
+  local id = ARGV[i]
+  -- admissions open for longer than the lease will never be appended: close them, count them released
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - lease, 'LIMIT', 0, batch)
+  if #old > 0 then
+    redis.call('ZREM', KEYS[2], unpack(old))
+    redis.call('ZREM', KEYS[3], unpack(old))
+    redis.call('INCRBY', KEYS[5], #old)
+    expired = expired + #old
+  end
+  if redis.call('ZSCORE', KEYS[2], id) then
+    -- a reclaimed or retried prompt: its admission is re-used, with a fresh lease and the newer version
+    redis.call('ZADD', KEYS[2], now, id)
+    local had = tonumber(redis.call('ZSCORE', KEYS[3], id) or '0')
+    if w > had then redis.call('ZADD', KEYS[3], w, id) end
+    headroom = -1
+  else
+    local admitted = tonumber(redis.call('GET', KEYS[1]) or '0')
+    local released = tonumber(redis.call('GET', KEYS[5]) or '0')
+    local outstanding = admitted - consumed - released
+    if outstanding >= cap then return {n, cap - outstanding, K, B, expired} end
+    redis.call('INCR', KEYS[1])
+    redis.call('ZADD', KEYS[2], now, id)
+    redis.call('ZADD', KEYS[3], w, id)
+    headroom = cap - outstanding - 1
+  end
+  n = n + 1
 end
-return {0, cap - outstanding, K, B, #old}
+return {n, headroom, K, B, expired}
 """
 
 
@@ -143,6 +156,17 @@ class Admission:
     batch_groups: int
 
 
+@dataclass(frozen=True)
+class Admissions:
+    """One call's admissions: its first ``admitted`` group ids were admitted, in order; the next one, if any,
+    was refused and the rest were not looked at."""
+
+    admitted: int
+    headroom: int  # the last group id looked at's, as in Admission (0 if no ids were given)
+    max_staleness: int
+    batch_groups: int
+
+
 class Admitter:
     def __init__(
         self,
@@ -168,6 +192,14 @@ class Admitter:
     async def try_admit(self, group_id: str, weight_version: int) -> Admission:
         """Admit ``group_id`` if the bound allows; raise :class:`GroupSizeMismatch` if the learner's G is
         another (nothing is admitted then)."""
+        got = await self.admit_many([group_id], weight_version)
+        return Admission(got.admitted == 1, got.headroom, got.max_staleness, got.batch_groups)
+
+    async def admit_many(self, group_ids: Sequence[str], weight_version: int) -> Admissions:
+        """Admit ``group_ids`` in order, in one script call, until the bound refuses one: the same admissions
+        as one :meth:`try_admit` per id stopped at the first refusal (each id is decided exactly as if it
+        were alone). Raise :class:`GroupSizeMismatch` if the learner's G is another (nothing is admitted
+        then)."""
         k_ = self.keys
         keys = [
             k_.admitted_count,
@@ -177,7 +209,6 @@ class Admitter:
             k_.released_count,
         ]
         args = [
-            group_id,
             weight_version,
             self.max_staleness,
             self.batch_groups,
@@ -186,8 +217,9 @@ class Admitter:
             self.group_size,
             time.time(),
             EXPIRE_BATCH,
+            *group_ids,
         ]
-        status, headroom, k, b, expired = (int(x) for x in await self._script(keys=keys, args=args))
+        n, headroom, k, b, expired = (int(x) for x in await self._script(keys=keys, args=args))
         if expired:
             log.warning(
                 "%d admissions open for more than %.0fs (never appended nor dead-lettered) expired: "
@@ -195,10 +227,10 @@ class Admitter:
                 expired,
                 self.lease_s,
             )
-        if status < 0:
+        if n < 0:
             raise GroupSizeMismatch(self.group_size, headroom)
         self._note_bound(k, b)
-        return Admission(status == 1, headroom, k, b)
+        return Admissions(n, headroom, k, b)
 
     async def check_learner(self) -> None:
         """Compare this producer's K, B, G with what the learner published (nothing if it has not yet)."""

@@ -238,8 +238,8 @@ class Intake:
 
     # ------------------------------------------------------------------ admission
     async def admit(self, weight_version: Callable[[], int]) -> list[Held]:
-        """Admit held prompts in order until the staleness bound refuses one (the rest stay held).
-        ``weight_version``: the engine's version now (new weights may arrive between two admissions)."""
+        """Admit held prompts in order until the staleness bound refuses one (the rest stay held), in one
+        admission script call. ``weight_version``: the engine's version now (read when the call is made)."""
         batch: list[Held] = []
         limit = self.max_groups - self.admitted_total if self.max_groups > 0 else len(self.held)
         candidates = list(self.held)[: max(0, limit)]
@@ -248,15 +248,18 @@ class Intake:
             mine = set(await self.streams.pending_for(self.keys.prompts, PRODUCERS_GROUP, self.id, ids))
             self._drop_lost([h for h in candidates if h.entry.id not in mine])
             candidates = [h for h in candidates if h.entry.id in mine]
-        for h in candidates:
-            # retrying is safe: the script marks the group id, so a lost reply cannot count it twice
-            admission = await self.streams.call(
-                lambda h=h: self.admitter.try_admit(h.task.task_id, weight_version()), "EVALSHA admit"
+        if candidates:
+            # One script call for the whole batch. Retrying it is safe: the script marks each id it admits as
+            # an open admission in the same atomic step as the count, so after a lost reply the retry finds
+            # those ids open and re-uses their admissions (no second count), then decides the rest afresh.
+            group_ids = [h.task.task_id for h in candidates]
+            got = await self.streams.call(
+                lambda: self.admitter.admit_many(group_ids, weight_version()),
+                f"EVALSHA admit x{len(group_ids)}",
             )
-            if not admission.admitted:
-                break
-            batch.append(h)
-            self.held.remove(h)
+            batch = candidates[: got.admitted]
+            taken = {h.entry.id for h in batch}
+            self.held = [h for h in self.held if h.entry.id not in taken]
         if candidates and not batch:
             self.refused_since = self.refused_since or time.monotonic()
         if batch:  # from now on kept alive; one lost in the moment since the check is left to its new owner
