@@ -70,6 +70,11 @@ class RunKeys:
     def producer(self, producer_id: str) -> str:
         return f"{self.producers}:{producer_id}"
 
+    def wake(self, producer_id: str, instance: str) -> str:
+        """Stream: an entry here ends the blocking read of one producer process's checkpoint follower at once
+        (written when the producer finishes, with a short TTL; ``instance`` is unique per process)."""
+        return f"{self.prefix}:wake:{producer_id}:{instance}"
+
     @property
     def learner_state(self) -> str:
         """Hash written by the learner: version (policy version), consumed (groups taken), step, heartbeat."""

@@ -55,6 +55,15 @@ def _sid(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
+def _of_stream(reply, stream: str):
+    """An XREAD reply cut down to ``stream``'s part (a read of several streams answers for those with entries)."""
+    if not reply:
+        return reply
+    if isinstance(reply, dict):
+        return {k: v for k, v in reply.items() if _sid(k) == stream}
+    return [part for part in reply if _sid(part[0]) == stream]
+
+
 def _entry(raw_id, fields) -> Entry:
     if fields is None:
         return Entry(_sid(raw_id), None)
@@ -537,13 +546,17 @@ class StreamClient:
             )
         )
 
-    async def wait_after(self, stream: str, last_id: str, block_ms: int, count: int = 16) -> list[Entry]:
-        """Entries after ``last_id`` (no consumer group), waiting up to ``block_ms`` for one to arrive."""
+    async def wait_after(
+        self, stream: str, last_id: str, block_ms: int, count: int = 16, wake: str | None = None
+    ) -> list[Entry]:
+        """Entries after ``last_id`` (no consumer group), waiting up to ``block_ms`` for one to arrive, or, with
+        ``wake``, until the stream ``wake`` holds an entry (then with only ``stream``'s entries, maybe none)."""
+        streams = {stream: last_id} if wake is None else {stream: last_id, wake: "0-0"}
 
         async def go():
-            return await self.redis.xread({stream: last_id}, count=count, block=block_ms)
+            return await self.redis.xread(streams, count=count, block=block_ms)
 
-        return self._entries(await self.call(go, f"XREAD {stream}"))
+        return self._entries(_of_stream(await self.call(go, f"XREAD {stream}"), stream))
 
     async def latest_entries(self, stream: str, count: int = 1) -> list[Entry]:
         reply = await self.call(lambda: self.redis.xrevrange(stream, count=count), f"XREVRANGE {stream}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from common.admission import close_keys
@@ -107,6 +108,7 @@ class Appender:
                 )
         self.intake.done([h.entry.id for h in batch])
         self._count(appended)
+        self.metrics.last_append_end = time.monotonic()
 
     async def _checked(self, h: Held, group: RolloutGroup) -> bytes | None:
         """The encoded group, if the learner's strict decoder accepts it; else the prompt is dead-lettered here

@@ -92,6 +92,8 @@ class Generator:
         """G completions or a :class:`PromptFailure` per prompt of ``batch``, and the seconds it took."""
         self.inflight = len(batch)
         t0 = time.monotonic()
+        if not self.metrics.first_generate_start:
+            self.metrics.first_generate_start = t0
         try:
             results = await self.generate_ids([h.prompt_ids for h in batch])
         finally:

@@ -30,6 +30,14 @@ class ProducerMetrics:
     # prompts this producer had, found pending for another one (reclaimed while this one was stalled for
     # longer than claim_idle_ms): dropped if held, generated but not appended if admitted
     lost_to_reclaim: int = 0
+    # time.monotonic() of the start of the first engine call and of the end of the latest append (0: none yet):
+    # the steady part of a run, start-up and shutdown left out (bench/producer_overhead.py). Clocks of this
+    # process only: not exported
+    first_generate_start: float = 0.0
+    last_append_end: float = 0.0
+
+
+LOCAL_ONLY = ("first_generate_start", "last_append_end")  # ProducerMetrics fields not exported
 
 
 class MetricsExporter:
@@ -41,7 +49,8 @@ class MetricsExporter:
         self.server = prom.start_metrics_server(settings.metrics_port, service="producer")
 
     def export(self, m: ProducerMetrics, hb: ProducerHeartbeat) -> None:
-        row = {"time": time.time(), "state": hb.state, "tokens_per_s": hb.tokens_per_s, **asdict(m)}
+        counters = {k: v for k, v in asdict(m).items() if k not in LOCAL_ONLY}
+        row = {"time": time.time(), "state": hb.state, "tokens_per_s": hb.tokens_per_s, **counters}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         prom.producer_observe(row)

@@ -26,7 +26,10 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+
+from redis.exceptions import RedisError
 
 from common.admission import Admitter, GroupSizeMismatch
 from common.config import Settings
@@ -48,7 +51,8 @@ from producer.weights import CheckpointFollower, WeightSync
 log = logging.getLogger(__name__)
 PACED_POLL_S = 0.05  # how often a paced producer re-asks for admission (at once after a weight reload)
 WEIGHTS_POLL_S = 0.5  # keys.latest is read at least this often; an announcement wakes the loop at once
-WAKE_BLOCK_MS = 100  # longest blocking read of the checkpoints stream (a finished producer waits for it)
+WAKE_BLOCK_MS = 100  # longest blocking read of the checkpoints stream (a finished producer cuts it short)
+WAKE_TTL_MS = 10_000  # the entry that cuts it short expires after this (should the exit not delete it)
 STOP_GRACE_S = 15.0  # background loops get this long to finish their current Redis call / weight load
 
 
@@ -78,6 +82,9 @@ class Producer:
         self.paced = False
         self.engine_free = asyncio.Event()  # the generate stage waits for a batch: admit one now
         self.weights_changed = asyncio.Event()  # a reload happened: a paced producer re-asks at once
+        # a stream of this process only (never one a restarted producer of the same id would find filled)
+        self.wake_key = keys.wake(producer_id, uuid.uuid4().hex[:12])
+        self._woke = False
 
     async def run(self) -> ProducerMetrics:
         """feed (read, admit) -> generate -> append (score, XADD, XACK), joined by one-slot queues so that
@@ -102,11 +109,13 @@ class Producer:
             ),
         ]
         try:
-            await _supervise(stages, background, self.finished)
+            await _supervise(stages, background, self.finished, self._wake_follower)
         finally:
             exporter.close()
             self.appender.runner.close()
             await self.heartbeat.remove()
+            if self._woke:
+                await self.streams.call(lambda: self.streams.redis.delete(self.wake_key), "DEL wake")
         log.info("producer %s done: %s", self.id, self.metrics)
         return self.metrics
 
@@ -157,9 +166,9 @@ class Producer:
     # ------------------------------------------------------------------ background
     async def _follow_weights(self) -> None:
         """Load each checkpoint as soon as it is announced: a blocking XREAD on the checkpoints stream (at most
-        WAKE_BLOCK_MS per call, so that a finished producer stops at once) wakes the loop when the learner
-        announces; keys.latest is also read every WEIGHTS_POLL_S whatever the stream holds (it may have been
-        trimmed, or the announcement lost)."""
+        WAKE_BLOCK_MS per call) wakes the loop when the learner announces; keys.latest is also read every
+        WEIGHTS_POLL_S whatever the stream holds (it may have been trimmed, or the announcement lost). The same
+        read watches this process's wake stream, so that a finished producer stops at once (_wake_follower)."""
         stream = self.keys.checkpoints
         newest = await self.streams.latest_entries(stream, 1)
         last, woke, synced_at = (newest[0].id if newest else "0-0"), True, 0.0
@@ -168,10 +177,28 @@ class Producer:
                 synced_at = time.monotonic()
                 if await self.weights.sync():
                     self.weights_changed.set()
-            entries = await self.streams.wait_after(stream, last, WAKE_BLOCK_MS)
+            entries = await self.streams.wait_after(stream, last, WAKE_BLOCK_MS, wake=self.wake_key)
             woke = bool(entries)
             if entries:
                 last = entries[-1].id
+
+    async def _wake_follower(self) -> None:
+        """The stages are done (``finished`` is set): end the weight follower's blocking XREAD now instead of
+        letting the exit wait up to WAKE_BLOCK_MS for it. Its read also watches ``wake_key`` from id 0, so one
+        entry there makes Redis answer it at once, with an ordinary reply, whether the read started before this
+        entry or after it; the follower then sees ``finished`` and returns. Cancelling the read instead is not
+        safe (a cancel landing as the reply arrives can be lost inside redis-py and hang the exit: _supervise),
+        and CLIENT UNBLOCK needs a permission the per-run ACL user lacks. Best effort: should this fail, the
+        follower still ends after its current read, as before. The entry expires after WAKE_TTL_MS and the exit
+        deletes it."""
+        pipe = self.streams.redis.pipeline(transaction=True)
+        pipe.xadd(self.wake_key, {"wake": b"1"})
+        pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+        try:
+            await pipe.execute()
+            self._woke = True
+        except RedisError as e:
+            log.debug("could not wake the weight follower (%s): it ends after its current read", e)
 
     async def _every(self, seconds: float, step: Callable[[], Awaitable[object]]) -> None:
         while not self.finished.is_set():
@@ -186,13 +213,17 @@ class Producer:
 
 # --------------------------------------------------------------------------- supervision
 async def _supervise(
-    stages: list[asyncio.Task], background: list[asyncio.Task], finished: asyncio.Event
+    stages: list[asyncio.Task],
+    background: list[asyncio.Task],
+    finished: asyncio.Event,
+    wake: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Wait for ``stages``; the first failure of any task cancels all the others and is raised.
 
-    After a normal end the background loops are asked to stop (``finished``) and awaited, not cancelled: a
-    cancel that lands as a Redis reply arrives can be lost inside redis-py (8.1), and the task then loops
-    forever while the exit waits for it (seen after SIGTERM right behind a Redis pause)."""
+    After a normal end the background loops are asked to stop (``finished``, then ``wake``, which cuts their
+    blocking reads short) and awaited, not cancelled: a cancel that lands as a Redis reply arrives can be lost
+    inside redis-py (8.1), and the task then loops forever while the exit waits for it (seen after SIGTERM
+    right behind a Redis pause)."""
     pending = set(stages) | set(background)
     failed = True
     try:
@@ -204,6 +235,8 @@ async def _supervise(
         failed = False
     finally:
         finished.set()
+        if wake is not None and not failed:
+            await wake()
         await _end(pending, grace_s=0.0 if failed else STOP_GRACE_S)
 
 

@@ -295,6 +295,30 @@ async def test_an_announcement_wakes_the_weight_follower_at_once(
         await asyncio.wait_for(task, 90)
 
 
+@pytest.mark.redis
+async def test_a_finished_producer_does_not_wait_for_the_followers_blocking_read(
+    redis_url, run_id, aredis, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Its stages done, the producer wakes the weight follower's blocking XREAD (here 60 s long) instead of
+    waiting for it; the wake stream is deleted. The steady-state timestamps are set, and not exported."""
+    import json
+
+    import producer.service as service
+
+    monkeypatch.setattr(service, "WAKE_BLOCK_MS", 60_000)
+    await put_prompts(aredis, run_id, [(1, 2), (3, 4)])
+    settings = make_settings(redis_url, run_id, tmp_path, tiny_model_dir, **{"producer.max_groups": 2})
+    t0 = time.monotonic()
+    metrics = await asyncio.wait_for(serve(settings), 120)
+    done = time.monotonic()
+    assert metrics.groups_total == 2
+    assert t0 < metrics.first_generate_start < metrics.last_append_end < done
+    assert done - metrics.last_append_end < 10  # not the 60 s read, nor STOP_GRACE_S (15 s) and a cancel
+    assert [k async for k in aredis.scan_iter(match=f"{RunKeys(run_id).prefix}:wake:*")] == []
+    rows = [json.loads(x) for x in (tmp_path / "metrics" / "producer-p1.jsonl").read_text().splitlines()]
+    assert rows and not {"first_generate_start", "last_append_end"} & set(rows[-1])
+
+
 async def _groups_at_least(aredis, run_id, n) -> bool:
     return await aredis.xlen(RunKeys(run_id).rollouts) >= n
 

@@ -132,6 +132,24 @@ async def test_read_recreates_a_vanished_group(sc, aredis, run_id):
     assert [g["name"] for g in await sc.group_info(stream)] == ["learner"]
 
 
+@pytest.mark.redis
+async def test_a_blocking_read_ends_at_once_when_its_wake_stream_gets_an_entry(any_redis, run_id):
+    """The producer's weight follower reads the checkpoints stream and its wake stream together: an entry on
+    the wake stream (written before or during the read) ends the read with the checkpoints' entries only."""
+    sc, keys = StreamClient(any_redis), RunKeys(run_id)
+    stream, wake = keys.checkpoints, keys.wake("p1", "x")
+    t0 = time.monotonic()
+    read = asyncio.create_task(sc.wait_after(stream, "0-0", 30_000, wake=wake))
+    await asyncio.sleep(0.2)
+    assert not read.done()  # blocked: nothing on either stream
+    await any_redis.xadd(wake, {"wake": b"1"})
+    assert await asyncio.wait_for(read, 10) == [] and time.monotonic() - t0 < 10  # not the 30 s block
+    first = await sc.append(stream, b"announce 1", None)
+    got = await sc.wait_after(stream, "0-0", 30_000, wake=wake)  # the wake entry is already there
+    assert [(e.id, e.payload) for e in got] == [(first, b"announce 1")]
+    assert await sc.wait_after(stream, first, 50, wake=wake) == []  # nothing new: the wake entry is not one
+
+
 # --------------------------------------------------------------------------- at-least-once delivery
 @pytest.mark.redis
 async def test_autoclaim_hands_a_dead_consumers_entry_to_another(any_redis, run_id):
