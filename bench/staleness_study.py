@@ -116,6 +116,13 @@ ARMS: dict[str, tuple[dict, str]] = {
         {"loss": {"proximal": "version", "clip_stale_scale": 300.0}, "learner": {"n_minibatches": 2}},
         "version + band widened by (1 + 300k)",
     ),
+    "version-band100-lr-half": (
+        {
+            "loss": {"proximal": "version", "clip_stale_scale": 100.0},
+            "learner": {"n_minibatches": 2, "lr": 1.5e-4},
+        },
+        "version + band widened by (1 + 100k), lr 1.5e-4",
+    ),
     "grpo": (
         {
             "loss": {"variant": "grpo", "proximal": "recompute", "clip_low": 0.2, "clip_high": 0.27},

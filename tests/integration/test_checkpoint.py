@@ -137,12 +137,15 @@ def test_trainer_state_round_trip(tiny_model_dir, tmp_path) -> None:
     assert fresh.scheduler.state_dict() == trainer.scheduler.state_dict()
     assert fresh.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
     assert torch.equal(torch.get_rng_state(), state.rng["torch_cpu"])
-    # the restored trainer takes the same next step as the original
+    # the restored trainer takes the same next step as the original (to float rounding: 1e-7 was seen exceeded by
+    # 2e-9 on one element of 65k; a wrong optimizer state moves weights by ~lr = 1e-2)
     batch = build_batch(hand_groups(trainer.model, seed=9))
     m1, m2 = trainer.train_step(batch), fresh.train_step(batch)
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-7)
     for (k, v), w in zip(trainer.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
-        assert torch.allclose(full_value(v), full_value(w), atol=1e-7), k
+        torch.testing.assert_close(
+            full_value(v), full_value(w), atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}"
+        )
 
 
 def test_a_whole_optimizer_state_resumes_on_a_sharded_model(tiny_model_dir, tmp_path) -> None:
