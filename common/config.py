@@ -239,7 +239,10 @@ class LossSettings(_Section):
     )
     clip_high: float = Field(4e-4, gt=0, le=10, description="ε_high (GSPO paper: 4e-4; GRPO: 0.27)")
     clip_stale_scale: float = Field(
-        0.0, ge=0, le=1000, description="band widens by (1 + scale·k) for staleness k"
+        100.0,
+        ge=0,
+        le=1000,
+        description="band widens by (1 + scale·k) for staleness k (100: ε(1) ≈ 0.03, one update's drift; README, Staleness)",
     )
     is_mode: Literal["truncate", "mask", "none"] = Field(
         "truncate", description="behaviour correction of stale data"
@@ -295,7 +298,7 @@ class LearnerSettings(_Section):
         False,
         description="keep each rank's shard of the parameters, gradients and AdamW state in CPU memory (FSDP2 CPUOffloadPolicy); the optimizer step runs on the CPU",
     )
-    lr: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate")
+    lr: float = Field(1.5e-4, gt=0, le=1, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up steps")
