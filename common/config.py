@@ -287,7 +287,7 @@ class LearnerSettings(_Section):
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="compute precision: bf16 = autocast to bfloat16 and bf16 parameter gathers of the sharded model, with fp32 master weights, gradient reduction and AdamW state",
+        description="compute precision: bf16 = autocast to bfloat16 (and bf16 parameter gathers of a sharded model), with fp32 master weights, gradient reduction and AdamW state",
     )
     gradient_checkpointing: bool = Field(
         False,
@@ -297,6 +297,10 @@ class LearnerSettings(_Section):
     cpu_offload: bool = Field(
         False,
         description="keep each rank's shard of the parameters, gradients and AdamW state in CPU memory (FSDP2 CPUOffloadPolicy); the optimizer step runs on the CPU",
+    )
+    shard: Literal["auto", "always"] = Field(
+        "auto",
+        description="FSDP2 sharding of the full weights: auto = only with more than one rank or cpu_offload (one rank trains the plain module), always = also one rank, over a process group of one; a LoRA model is never sharded",
     )
     lr: float = Field(1.5e-4, gt=0, le=1, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")

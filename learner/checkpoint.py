@@ -10,7 +10,7 @@ A step is two directories, each with a ``manifest.json`` (sha256 of every other 
   parameter and moment (``state.<parameter>.exp_avg`` ...), one safetensors file per rank that wrote it, each
   holding that rank's shard (``torch.distributed.checkpoint``; any number of ranks reads it back);
 - ``tensors.safetensors``: the tensors of the scheduler state and the RNG states, and of the whole optimizer
-  state of an unsharded (LoRA) model;
+  state of an unsharded model (one plain rank, ``learner/sharded.py``: ``should_shard``; LoRA);
 - ``state.json``: the non-tensor structure, with ``{"__tensor__": name}`` where a tensor was (the sharded
   optimizer's non-tensor entries, lr, betas ..., under ``optimizer``, with ``"format": 2``), plus step,
   version, consumed, prompt cursor and the entry ids consumed since the previous checkpoint;
@@ -26,11 +26,12 @@ still resume (the same files); new steps are written in this layout.
 The weights of a sharded model are published as ``model-0000i-of-0000n.safetensors`` +
 ``model.safetensors.index.json``. Between two steps every rank writes its shards of the weights and of the
 optimizer state into the two temp dirs (:func:`take_snapshot`, a collective); rank 0's :class:`Snapshot`
-keeps CPU copies of the rest (an unsharded LoRA model: of the weights and the optimizer state too), and the
-write finishes on a background thread while the next step trains: the weight shards are consolidated into the
-published HF files one tensor at a time, then manifests, renames, STABLE. A step whose optimizer state is
-whole (no ``format``: the earlier single-process learner's, or a LoRA run's) resumes on a sharded model too:
-every rank takes its shard of it.
+keeps CPU copies of the rest (an unsharded model, one plain rank or LoRA: of the weights and the optimizer state
+too, the weights then published with ``save_pretrained``), and the write finishes on a background thread while
+the next step trains: the weight shards are consolidated into the published HF files one tensor at a time, then
+manifests, renames, STABLE. A step whose optimizer state is whole (no ``format``: a plain rank's, the earlier
+single-process learner's, or a LoRA run's) resumes on a sharded model too: every rank takes its shard of it;
+a sharded one resumes on a plain rank, which reads it whole (:func:`restore`).
 """
 
 from __future__ import annotations
@@ -431,18 +432,19 @@ def load_trainer_state(step_dir: Path, state_root: Path, verify: bool = True) ->
 
 
 def restore(model, optimizer, scheduler, state: TrainerState) -> None:
-    """The optimizer, scheduler and RNG states of ``state``. A sharded model: every rank (a collective) reads
-    its shard of the optimizer state, whatever number of ranks wrote it, or takes it from a whole one."""
+    """The optimizer, scheduler and RNG states of ``state``, whichever way it was written and is resumed: a
+    sharded optimizer state (``optimizer/``, written by any number of ranks) is read by every rank of a sharded
+    model (a collective), each taking its shard, or whole by a plain one; a whole one (a plain 1-rank learner's,
+    a LoRA run's, the earlier single-process learner's) is loaded as is by a plain model, or shared out by a
+    sharded one."""
     optimizer_dir = Path(state.where) / sharded.OPTIMIZER_DIR
     try:
-        if not sharded.is_sharded(model):
-            if not state.whole_optimizer:
-                raise ValueError("a sharded optimizer state, but the model is not sharded")
-            optimizer.load_state_dict(state.optimizer)
-        elif state.whole_optimizer:
+        if not state.whole_optimizer:
+            sharded.load_optimizer(model, optimizer, optimizer_dir, state.optimizer)
+        elif sharded.is_sharded(model):
             sharded.load_full_optimizer(model, optimizer, state.optimizer)
         else:
-            sharded.load_optimizer(model, optimizer, optimizer_dir, state.optimizer)
+            optimizer.load_state_dict(state.optimizer)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(
             f"{state.where}: unreadable optimizer state ({type(e).__name__}: {e})"

@@ -4,8 +4,10 @@ Rank 0 talks to Redis and broadcasts each batch as plain tensors (sizes first, t
 pickle). Every rank trains a disjoint share of the batch's sequences, balanced by token count
 (:func:`split_by_tokens`), with the global loss denominator; FSDP2 (``learner/sharded.py``) sums the
 gradient shards over ranks, which gives exactly the 1-rank gradient (up to the order of floating-point
-sums). A learner started without torchrun joins a process group of one, so that the same sharded code
-runs. gloo on CPU; on GPUs nccl for CUDA tensors and gloo for the CPU tensors of the broadcasts.
+sums). A learner started without torchrun joins a process group of one: a 1-rank learner trains the plain
+module (no collective runs), and shards over that group with ``learner.shard = "always"`` or
+``learner.cpu_offload``. gloo on CPU; on GPUs nccl for CUDA tensors and gloo for the CPU tensors of the
+broadcasts.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def init_from_env(device: str = "cpu") -> World:
 
 
 def ensure_single(device: str = "cpu") -> World:
-    """A process group of one (in-process store, no port) unless one exists: FSDP2 needs a group."""
+    """A process group of one (in-process store, no port) unless one exists: FSDP2 needs a group (a 1-rank
+    learner that shards)."""
     if not dist.is_initialized():
         dist.init_process_group(backend=_backend(device), store=dist.HashStore(), rank=0, world_size=1)
     return World(dist.get_rank(), dist.get_world_size())

@@ -12,7 +12,8 @@ One iteration, as in the README diagram: feed → take → train → publish →
 - metrics: one metrics.jsonl row (and Prometheus gauges) per step.
 
 Multi-rank (torchrun): rank 0 runs this loop and broadcasts batches and checkpoint writes; other ranks run
-``follow``. Every rank holds a shard of the model (``learner/sharded.py``), 1 rank included.
+``follow``. Each rank holds a shard of the model (``learner/sharded.py``); a 1-rank learner holds the plain
+model unless ``learner.shard = "always"`` or ``learner.cpu_offload``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from learner.intake import Intake, TakenBatch
 from learner.lora import LoraError
 from learner.metrics import MetricsWriter
 from learner.publisher import Publisher
-from learner.sharded import ShardingError
+from learner.sharded import ShardingError, should_shard
 from learner.state import LearnerState
 from learner.tracking import SampleLog, TrackerError, component_means, open_trackers, sample_rows
 from learner.trainer import Trainer
@@ -139,11 +140,12 @@ def build_trainer(
     if lora and not ls.model:
         raise LearnerError("learner.lora needs learner.model (--model): the base model, also when resuming")
     device = _device()
-    # full weights are sharded: loaded in host memory, moved to this rank's GPU one module at a time as they are
-    # sharded (learner/sharded.py); a LoRA model is not sharded
+    # full weights to be sharded: loaded in host memory, moved to this rank's GPU one module at a time as they are
+    # sharded (learner/sharded.py); a model that is not (LoRA, one rank by default) is loaded where it computes
+    shards = not lora and should_shard(ls.shard, ls.cpu_offload, world.size)
     model = load_model(
         ls.model if lora else model_dir,
-        device=device if lora else "cpu",
+        device="cpu" if shards else device,
         attn_implementation=ls.attn_implementation,
     )
     ref = None

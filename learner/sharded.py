@@ -4,8 +4,10 @@
   the root, with a ``MixedPrecisionPolicy`` (compute in ``learner.precision``; fp32 master weights, gradient
   reduction and optimizer state) and an optional ``CPUOffloadPolicy`` (``learner.cpu_offload``). Each rank
   then keeps 1/N of every parameter, gradient and AdamW moment. Gradients are summed over ranks, not averaged:
-  every rank's loss already carries the global denominator (``learner/trainer.py``). One rank runs the same
-  code over a group of one.
+  every rank's loss already carries the global denominator (``learner/trainer.py``). One rank trains the plain
+  module unless it must shard (:func:`should_shard`: ``learner.shard = "always"`` or ``learner.cpu_offload``),
+  then over a process group of one: with nothing to shard over, FSDP2 only adds its hooks and copies (the
+  reference model's 1-rank step on a CPU took 1.18x as long sharded; ``make bench-fsdp`` measures the ratio).
 - :func:`save_shards`: every rank writes its shard of the weights and of the (flattened) optimizer state with
   ``torch.distributed.checkpoint`` and a ``HuggingFaceStorageWriter`` (safetensors: no pickle). The
   optimizer's non-tensor entries (lr, betas, ...) are returned for the JSON trainer state.
@@ -13,7 +15,9 @@
   (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), one tensor at a time: the whole
   model is never held in one process's memory. Runs on rank 0's checkpoint thread.
 - :func:`load_optimizer`: any number of ranks read the optimizer shards back (DCP reshards them), so a run
-  saved by 2 ranks resumes on 1 and the other way round.
+  saved by 2 ranks resumes on 1 and the other way round; a plain (unsharded) module reads them whole.
+  :func:`load_full_optimizer`: a whole optimizer state (what a plain 1-rank learner saves) onto a sharded
+  model, each rank keeping its shard.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def should_shard(shard: str, cpu_offload: bool, world_size: int) -> bool:
+    """Whether the full weights are sharded (``learner.shard``): always with more than one rank, with
+    ``cpu_offload`` (an FSDP2 policy) or ``shard = "always"``; one rank otherwise trains the plain module."""
+    if shard not in ("auto", "always"):
+        raise ShardingError(f"learner.shard must be auto or always, got {shard!r}")
+    return world_size > 1 or cpu_offload or shard == "always"
+
+
 def shard_model(
     model: torch.nn.Module, precision: str = "fp32", cpu_offload: bool = False
 ) -> torch.nn.Module:
@@ -104,7 +116,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def reshard(model: torch.nn.Module) -> None:
     """Free every gathered (unsharded) parameter of ``model``: the root keeps its parameters gathered after a
     forward until its backward, so after a no-grad forward its module would go on using those gathered copies
-    even once the shards change (an optimizer step, weights copied in)."""
+    even once the shards change (an optimizer step, weights copied in). Nothing to do for a plain module."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -173,7 +185,9 @@ def consolidate_weights(step_dir: Path, index: dict[str, int]) -> None:
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_dir: Path,
                    non_tensor: dict[str, Any]) -> None:  # fmt: skip
-    """Read the optimizer shards written by any number of ranks into this rank's shard; a collective."""
+    """Read the optimizer shards written by any number of ranks into this rank's shard; a collective. A plain
+    module (a 1-rank learner that does not shard) reads the whole of each tensor: the flattened names are the
+    same (FSDP2 keeps the module's parameter names)."""
     _, osd = get_state_dict(model, optimizer, options=_OPTIONS)  # allocates the state (a zero-lr step)
     tensors = {k: v for k, v in osd.items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(tensors) - set(_saved_names(optimizer_dir)))
@@ -198,6 +212,9 @@ def load_full_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     }
     set_state_dict(model, optimizer, model_state_dict={}, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
+    # DCP gives tuples (betas) back as lists: the saved ones, so that the state is the one saved
+    for group, saved in zip(optimizer.param_groups, osd["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if isinstance(v, tuple)})
 
 
 def _saved_names(directory: Path) -> set[str]:

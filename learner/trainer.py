@@ -1,13 +1,15 @@
 """One learner step: advantages, packed log-prob recompute, GSPO loss, backward, AdamW.
 
-``Trainer.train_step(batch)`` is the whole step, the same code for 1 rank and N ranks. The model is sharded
-with FSDP2 (``learner/sharded.py``: each rank holds 1/N of the parameters, gradients and AdamW state). Each
-rank trains its share of every mini-batch's sequences, shared out by token count so that the ranks finish
-together; every micro-batch loss is divided by the number of valid sequences of the *whole* mini-batch, and
-the gradient shards are summed over ranks, so N ranks take exactly the 1-rank step
-(tests/integration/test_learner_fsdp.py). FSDP gathers each layer's parameters in every forward, a
-collective: a rank with fewer micro-batches than another runs empty ones (a one-token forward whose loss is
-multiplied by 0), so that all ranks run as many forwards and backwards.
+``Trainer.train_step(batch)`` is the whole step, the same code for 1 rank and N ranks. With N > 1 ranks the
+model is sharded with FSDP2 (``learner/sharded.py``: each rank holds 1/N of the parameters, gradients and
+AdamW state); one rank trains the plain module unless ``learner.shard = "always"`` or ``learner.cpu_offload``
+(then it shards over a process group of one). Each rank trains its share of every mini-batch's sequences,
+shared out by token count so that the ranks finish together; every micro-batch loss is divided by the number
+of valid sequences of the *whole* mini-batch, and the gradient shards are summed over ranks, so N ranks take
+exactly the 1-rank step, and a sharded rank of one the plain step (tests/integration/test_learner_fsdp.py).
+FSDP gathers each layer's parameters in every forward, a collective: a rank with fewer micro-batches than
+another runs empty ones (a one-token forward whose loss is multiplied by 0), so that all ranks run as many
+forwards and backwards.
 
 Proximal log-probs (docs/objective.md): the detached values of the same forward for the first mini-batch
 (no update has happened yet), and one no-grad pass over the later mini-batches before the first update;
@@ -169,9 +171,9 @@ class Trainer:
             )
         self.settings, self.world, self.pad_id = settings, world, pad_id
         model = prepare_model(model, settings)
-        if (
-            ls.lora.r == 0
-        ):  # full weights: sharded with FSDP2 over the ranks (a group of one without torchrun)
+        # full weights: sharded with FSDP2 over the ranks; one rank trains the plain module unless it must shard
+        # (learner.shard = "always" or cpu_offload: then over a group of one); a LoRA model is never sharded
+        if ls.lora.r == 0 and sharded.should_shard(ls.shard, ls.cpu_offload, world.size):
             if world.size == 1:
                 ensure_single(str(model_device(model)))
             model = sharded.shard_model(model, ls.precision, ls.cpu_offload)
@@ -192,8 +194,8 @@ class Trainer:
         self.ref_model = ref_model.eval() if ref_model is not None else None
         # policy version of the current weights (the learner sets it to the step it resumed from); with
         # loss.proximal = "version" the weights of the last K + 1 versions are kept (detached copies of this
-        # rank's shards, where the shards are) to recompute each sample's log-probs under the weights that
-        # generated it
+        # rank's shards, where the shards are, or of the plain parameters) to recompute each sample's log-probs
+        # under the weights that generated it
         self.version = 0
         self._snapshots: dict[int, dict[str, Tensor]] = {}
         if ls.kl_coef > 0 and self.ref_model is None:

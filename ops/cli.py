@@ -53,7 +53,7 @@ def up(
         1,
         "--learner-ranks",
         min=1,
-        help="learner processes (torchrun on this machine when > 1; the model is sharded over them)",
+        help="learner processes (torchrun on this machine when > 1; the model is sharded over them, one process trains it plain)",
     ),
     max_steps: int = typer.Option(
         None, "--max-steps", help="stop after this many learner steps (the run's step count)"

@@ -10,7 +10,8 @@
 # Global rank 0 talks to Redis (pulls groups, acks, publishes checkpoints) and broadcasts each
 # batch to the other ranks. The parameters, gradients and AdamW state are sharded over all ranks of all
 # nodes with FSDP2 (learner/sharded.py): every rank trains its share of each batch and writes its shard
-# of each checkpoint; rank 0 then consolidates the published HF weights.
+# of each checkpoint; rank 0 then consolidates the published HF weights. One process in all (GPUS=1 on one
+# node) trains the plain model unless GSPO_LEARNER__SHARD=always (learner.shard).
 # RUN_DIR must be a shared filesystem visible at the same path on every learner node and every
 # generation host: checkpoints (and every rank's shards) land in RUN_DIR/checkpoints (or
 # learner.checkpoint_dir) and SGLang loads them from the announced absolute path.

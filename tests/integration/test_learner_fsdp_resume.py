@@ -1,6 +1,7 @@
 """Exactly-once training across kill -9 of the sharded learner under torchrun: 2 ranks killed mid-step and
-mid-checkpoint-write, then resumed on 2 ranks, on 1 rank (2 → 1) and on 2 again (1 → 2); every group is
-trained exactly once, every entry acked, the last checkpoint verifies and loads."""
+mid-checkpoint-write, then resumed on 2 ranks, on 1 rank (2 → 1: the plain 1-rank learner reads the sharded
+optimizer state whole) and on 2 again (1 → 2: the ranks share out the plain learner's whole optimizer state);
+every group is trained exactly once, every entry acked, the last checkpoint verifies and loads."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The learner on real-model settings: gradient checkpointing that recomputes, bf16 autocast against fp32,
-dropout switched off, attention implementation and hub ids (offline cache only)."""
+"""The learner on real-model settings: gradient checkpointing that recomputes, bf16 autocast against fp32 (both
+on the plain 1-rank model and on one sharded over a group of one), dropout switched off, attention
+implementation and hub ids (offline cache only)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from common.hub import ModelLoadError, resolve_model_dir
 from learner.batching import build_batch
 from learner.logprobs import token_logprobs
-from learner.sharded import full_value
+from learner.sharded import full_value, is_sharded
 from learner.trainer import Trainer, batch_advantages
 from modeling import load_model
 from tests.integration.test_learner_step import hand_groups, settings
@@ -45,15 +46,17 @@ def _step_with_grads(trainer: Trainer, batch) -> tuple[dict, dict[str, torch.Ten
         handle.remove()
 
 
-def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_model_dir) -> None:
+@pytest.mark.parametrize("shard", ["auto", "always"])
+def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_model_dir, shard) -> None:
     base = load_model(tiny_model_dir)
     batch = build_batch(hand_groups(base, n_groups=3))
     results = {}
     for gc in (False, True):
-        s = settings(gradient_checkpointing=gc, micro_batch_tokens=64)
+        s = settings(gradient_checkpointing=gc, micro_batch_tokens=64, shard=shard)
         # one mini-batch anchored on its own forward: no no-grad pass runs the layers, only forward and backward
         s.loss = s.loss.model_copy(update={"proximal": "recompute"})
         trainer = Trainer(load_model(tiny_model_dir), s)
+        assert is_sharded(trainer.model) == (shard == "always")
         # the MLP of each decoder layer runs inside the checkpointed layer: once per forward, again per backward
         calls = [_counting(layer.mlp) for layer in trainer.model.model.layers]
         micro = len(trainer._micro_batches(batch, trainer._computed(batch, batch_advantages(batch)[0])))
@@ -69,14 +72,17 @@ def test_gradient_checkpointing_recomputes_each_layer_and_changes_nothing(tiny_m
         assert torch.allclose(g, g1[name], atol=1e-6, rtol=1e-5), name
 
 
-def test_bf16_autocast_matches_fp32_with_fp32_master_weights(tiny_model_dir) -> None:
+@pytest.mark.parametrize("shard", ["auto", "always"])
+def test_bf16_autocast_matches_fp32_with_fp32_master_weights(tiny_model_dir, shard) -> None:
     base = load_model(tiny_model_dir)
     batch = build_batch(hand_groups(base, n_groups=4, seed=3))
     runs = {}
     for precision in ("fp32", "bf16"):
         trainer = Trainer(
-            load_model(tiny_model_dir), settings(precision=precision, n_minibatches=1, grad_clip=1e9)
+            load_model(tiny_model_dir),
+            settings(precision=precision, n_minibatches=1, grad_clip=1e9, shard=shard),
         )
+        assert is_sharded(trainer.model) == (shard == "always")
         metrics, grads = _step_with_grads(trainer, batch)
         runs[precision] = (trainer, metrics, grads)
     (_, m32, g32), (t16, m16, g16) = runs["fp32"], runs["bf16"]
