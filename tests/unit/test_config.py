@@ -33,9 +33,10 @@ def test_defaults_are_valid_and_documented():
         32,
         1,
     )
-    assert (s.learner.lr, s.loss.clip_low, s.loss.clip_high, s.redis.url) == (3e-4, 3e-4, 4e-4, "")
+    assert (s.learner.lr, s.loss.clip_low, s.loss.clip_high, s.redis.url) == (1.5e-4, 3e-4, 4e-4, "")
+    assert (s.loss.proximal, s.loss.clip_stale_scale) == ("version", 100.0)
     rows = describe_fields()
-    assert ("learner.lr", "0.0003", "AdamW learning rate") in rows
+    assert ("learner.lr", "0.00015", "AdamW learning rate") in rows
     assert all(text for _, _, text in rows), [name for name, _, text in rows if not text]
 
 
