@@ -142,8 +142,8 @@ def _up(
     model,
     warmstart_reward,
     fresh,
-    learner_ranks=1,
-    threads=None,
+    learner_ranks,
+    threads,
 ) -> None:
     from common.hub import ModelLoadError, resolve_model_dir
     from ops.launcher import LocalCluster, LogTail
@@ -188,10 +188,6 @@ def _up(
     since_offset = metrics_path.stat().st_size if metrics_path.exists() else 0
     since_unix = time.time()
     learner_log = LogTail(rd / "logs" / "learner.out")
-    if threads is None:
-        from ops.threads import thread_plan
-
-        threads = thread_plan(producers, learner_ranks)
     cluster.start_learner(threads=threads.learner, ranks=learner_ranks)
     for _ in range(producers):
         cluster.add_producer(threads=threads.producer)
