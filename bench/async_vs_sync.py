@@ -23,6 +23,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--async-k", type=int, default=1)
+    ap.add_argument(
+        "--learner-threads", type=int, default=None, help="default: gspo up's rule (ops/threads.py)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/async_vs_sync"))
     ap.add_argument("--cache", type=Path, default=Path("bench/results/cache"))
     args = ap.parse_args()
@@ -33,7 +36,15 @@ def main() -> None:
         redis = RedisServer(Path(tmp) / "redis").start()
         try:
             results = [
-                run_pipeline("sync-k0", args.out, redis, model, steps=args.steps, max_staleness=0),
+                run_pipeline(
+                    "sync-k0",
+                    args.out,
+                    redis,
+                    model,
+                    steps=args.steps,
+                    max_staleness=0,
+                    learner_threads=args.learner_threads,
+                ),
                 run_pipeline(
                     f"async-k{args.async_k}",
                     args.out,
@@ -41,6 +52,7 @@ def main() -> None:
                     model,
                     steps=args.steps,
                     max_staleness=args.async_k,
+                    learner_threads=args.learner_threads,
                 ),
             ]
         finally:
@@ -51,7 +63,12 @@ def main() -> None:
         r.name: (r.rows[-1]["time/elapsed_s"] - r.rows[0]["time/elapsed_s"]) / (len(r.rows) - 1)
         for r in results
     }
-    print(f"machine: {machine()}; {args.steps} steps each; 1 producer + 1 learner process")
+    from ops.threads import thread_plan
+
+    plan = thread_plan(1, learner_threads=args.learner_threads)
+    print(
+        f"machine: {machine()}; {args.steps} steps each; 1 producer + 1 learner process; threads: {plan.describe()}"
+    )
     for r in results:
         print(
             f"{r.name:10s} wall {r.wall_s:7.1f} s  {per_step[r.name]:.3f} s/step  "

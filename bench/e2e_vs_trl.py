@@ -63,6 +63,22 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used so far (Linux /proc), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 # --------------------------------------------------------------------------- the two runs
 def run_ours(
     out: Path,
@@ -107,6 +123,10 @@ def run_ours(
                 cluster.add_producer(threads=plan.producer)
             wait_until(lambda: not cluster.learner.alive, budget_s - (time.time() - t0), poll_s=0.5)
             died = not cluster.learner.alive
+            # CPU seconds each process used from launch to the end of the budget (start-up included)
+            cpu = {"learner": _proc_cpu_s(cluster.learner.proc.pid)}
+            cpu.update({pid: _proc_cpu_s(c.proc.pid) for pid, c in cluster.producers.items()})
+            (out / "cpu.json").write_text(json.dumps({"wall_s": time.time() - t0, "cpu_s": cpu}))
             codes = cluster.stop()
         finally:
             cluster.stop()
@@ -175,6 +195,7 @@ def run_trl(out: Path, model: Path, budget_s: float, trl_python: Path, threads: 
         str(s.learner.seed),
     ]
     log_path = out / "peer.log"
+    cpu0 = _children_cpu_s()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -184,6 +205,9 @@ def run_trl(out: Path, model: Path, budget_s: float, trl_python: Path, threads: 
             proc.kill()
             proc.wait()
             raise SystemExit(f"TRL peer did not stop within budget + 300 s (log: {log_path})") from None
+    (out / "cpu.json").write_text(
+        json.dumps({"wall_s": time.time() - t0, "cpu_s": {"trl": _children_cpu_s() - cpu0}})
+    )
     if rc != 0:
         sys.stderr.write(log_path.read_text()[-4000:])
         raise SystemExit(f"bench/trl_e2e_peer.py failed (exit {rc}); the end of {log_path} is above")
@@ -307,6 +331,22 @@ def plot(out_png: Path, sides: dict[str, list[dict]], budget_s: float) -> Path:
     return out_png
 
 
+def _cpu_per_step(side_dir: Path, st: dict) -> dict | None:
+    """CPU seconds per step of a side's processes over its whole run (start-up included), from cpu.json."""
+    info = _load(side_dir / "cpu.json")
+    cpu = {k: v for k, v in (info.get("cpu_s") or {}).items() if v is not None}
+    if not cpu or not st.get("steps"):
+        return None
+    steps = st["steps"]
+    return {
+        "per_step": sum(cpu.values()) / steps,
+        "by_process": {k: v / steps for k, v in cpu.items()},
+        "split": ", ".join(f"{k} {v / steps:.2f}" for k, v in cpu.items()) if len(cpu) > 1 else "",
+        "cpu_s": cpu,
+        "wall_s": info.get("wall_s"),
+    }
+
+
 def report(out: Path, settings: Settings, extra: dict) -> dict:
     ours_launch, trl_launch = _load(out / "ours" / "launch.json"), _load(out / "trl" / "launch.json")
     if not ours_launch or not trl_launch:
@@ -377,6 +417,25 @@ def report(out: Path, settings: Settings, extra: dict) -> dict:
             "",
         )
     )
+    cpu = {side: _cpu_per_step(out / side, st) for side, st in (("ours", ours), ("trl", trl))}
+    if cpu["ours"] and cpu["trl"]:
+        rows.append(
+            (
+                "CPU s per step (all processes)",
+                f"{cpu['ours']['per_step']:.2f} s ({cpu['ours']['split']})",
+                f"{cpu['trl']['per_step']:.2f} s",
+                _fmt(_ratio(cpu["ours"]["per_step"], cpu["trl"]["per_step"])),
+            )
+        )
+        cores = os.cpu_count() or 1
+        rows.append(
+            (
+                f"floor: CPU s per step / {cores} cores",
+                f"{cpu['ours']['per_step'] / cores:.2f} s",
+                f"{cpu['trl']['per_step'] / cores:.2f} s",
+                "",
+            )
+        )
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
@@ -416,6 +475,7 @@ def report(out: Path, settings: Settings, extra: dict) -> dict:
             "seed": s.learner.seed,
         },
         "launch": {"ours": ours_launch, "trl": trl_launch},
+        "cpu_per_step": cpu,
         **extra,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -64,7 +64,14 @@ def run_pipeline(
     learner_args: tuple[str, ...] = (),
     producer_args: tuple[str, ...] = (),
     timeout_s: float = 900.0,
+    learner_threads: int | None = None,
+    producer_threads: int | None = None,
 ) -> RunResult:
+    """Run the pipeline for ``steps`` learner steps. Threads per process follow ``gspo up``'s rule
+    (ops/threads.py) unless given."""
+    from ops.threads import thread_plan
+
+    plan = thread_plan(producers, learner_threads=learner_threads, producer_threads=producer_threads)
     run_dir = root / name
     if run_dir.exists():  # a previous run's checkpoints would be resumed and its metrics read back
         shutil.rmtree(run_dir)
@@ -78,9 +85,9 @@ def run_pipeline(
         producer_args=list(producer_args),
     )
     t0 = time.monotonic()
-    cluster.start_learner()
+    cluster.start_learner(threads=plan.learner)
     for _ in range(producers):
-        cluster.add_producer()
+        cluster.add_producer(threads=plan.producer)
     finished = wait_until(lambda: not cluster.learner.alive, timeout_s, poll_s=0.5)
     wall = time.monotonic() - t0
     cluster.stop()

@@ -412,7 +412,7 @@ class Learner:
     # ------------------------------------------------------------------ training
     async def _train(self, taken: TakenBatch) -> dict:
         await self.state.write(training=True)
-        batch = build_batch(taken.groups)
+        batch = build_batch(taken.groups, self.trainer.numerics)
         t0 = time.perf_counter()
         metrics = await asyncio.to_thread(self._train_sync, batch)
         step_s = time.perf_counter() - t0

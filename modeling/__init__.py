@@ -15,6 +15,7 @@ from modeling.hf import (
     disable_dropout,
     load_model,
     load_tokenizer,
+    numerics_id,
 )
 from modeling.smollm2 import convert_smollm2, find_smollm2_gguf
 
@@ -28,6 +29,7 @@ __all__ = [
     "find_smollm2_gguf",
     "has_chat_template",
     "load_model",
+    "numerics_id",
     "load_tokenizer",
     "render_prompt",
     "resolve_model_dir",

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ops.threads import OMP_WAIT_POLICY
+
 log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = 1.0  # first restart delay; doubles with each recent crash
 RESTART_BACKOFF_MAX_S = 30.0
@@ -112,6 +114,9 @@ class LocalCluster:
         log_path = self.run_dir / "logs" / f"{name}.out"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {
+            # the processes share the cores: an OpenMP thread that waits at a barrier sleeps instead of
+            # spinning, so it leaves the core to the other processes (ops/threads.py; the environment wins)
+            "OMP_WAIT_POLICY": OMP_WAIT_POLICY,
             **os.environ,
             **self.env,
             **(extra_env or {}),

@@ -160,6 +160,7 @@ class Appender:
             top_p=s.top_p,
             top_k=s.top_k,
             gen_time_s=gen_s,
+            logprob_numerics=self.engine.numerics,
         )
 
     def _count(self, done: list[RolloutGroup]) -> None:

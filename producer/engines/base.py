@@ -82,6 +82,9 @@ class Engine(abc.ABC):
 
     name: str = "engine"
     fingerprint: str = ""
+    # how the engine computes log-probs (modeling.hf.numerics_id), stamped on every group; "" = not declared
+    # (the learner then always recomputes the anchor itself)
+    numerics: str = ""
     version: int = 0
     context_limit: int | None = None
 

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from common.fingerprint import model_fingerprint
-from modeling import load_model, load_tokenizer
+from modeling import load_model, load_tokenizer, numerics_id
 from producer.engines.base import Completion, Engine, EngineError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ class HFEngine(Engine):
         torch.manual_seed(seed)
         self.device = device
         self.model = load_model(model_dir, device, dtype, attn_implementation=attn_implementation)
+        self.numerics = numerics_id(dtype, attn_implementation, device)
         self.tokenizer = load_tokenizer(model_dir)
         self.fingerprint = model_fingerprint(model_dir)
         self.version = version
