@@ -90,13 +90,19 @@ def plot_runs(run_dirs: list[Path], out: Path, x_key: str = "step", labels: list
             if key in BUCKETED:  # the same metric per staleness bucket: where staleness costs
                 for j, bkey in enumerate(bucket_keys(rows, key)):
                     bx, by = _series(rows, bkey, x_key)
+                    blabel = f"{label} {bkey.rpartition('/')[2]}"
+                    if len(bx) * 2 < len(
+                        rows
+                    ):  # a bucket seen in few steps: its points, not a line across gaps
+                        ax.plot(bx, by, color=f"C{i}", ls="none", marker="x", ms=4, label=blabel)
+                        continue
                     ax.plot(
                         bx,
                         rolling_mean(by, SMOOTH),
                         color=f"C{i}",
                         ls=BUCKET_STYLES[j % len(BUCKET_STYLES)],
                         lw=1.1,
-                        label=f"{label} {bkey.rpartition('/')[2]}",
+                        label=blabel,
                     )
         ax.set_title(title)
         ax.set_xlabel(x_key)
