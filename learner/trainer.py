@@ -194,7 +194,6 @@ class Trainer:
         ):
             attn = getattr(model.config, "_attn_implementation", None) or ls.attn_implementation
             self.numerics = numerics_id("float32", attn, str(model_device(model)))
-        self._reused = 0
         # LoRA dropout acts in the training forward only: the proximal log-probs of every mini-batch then come from
         # the no-grad pass (in eval mode), not from the (randomly masked) training forward itself
         self.stochastic = ls.lora.r > 0 and ls.lora.dropout > 0
@@ -248,7 +247,7 @@ class Trainer:
         minibatches = _split(len(batch), self.settings.learner.n_minibatches)
         plans = self._plans(batch, minibatches, computed)
         self._keep_snapshot()
-        prox, missing = self._proximal(batch, plans)
+        prox, missing, reused = self._proximal(batch, plans)
         acc = _Accumulator()
         for mb, plan in zip(minibatches, plans, strict=True):
             # every valid sequence of the mini-batch counts, computed or skipped: the loss is their mean
@@ -274,7 +273,7 @@ class Trainer:
         )
         if self.settings.loss.proximal == "version":
             metrics["proximal/missing_version"] = float(missing)
-            metrics["proximal/from_engine"] = float(self._reused)
+            metrics["proximal/from_engine"] = float(reused)
         metrics["time/train_s"] = time.perf_counter() - t0
         self.version += 1
         return metrics
@@ -334,8 +333,9 @@ class Trainer:
                 n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
             }
 
-    def _proximal(self, batch: TrainBatch, plans) -> tuple[dict[int, Tensor], int]:
-        """log π_prox per sequence index, and how many sequences lacked their generating version's weights.
+    def _proximal(self, batch: TrainBatch, plans) -> tuple[dict[int, Tensor], int, int]:
+        """log π_prox per sequence index, how many sequences lacked their generating version's weights, and how many
+        took their engine log-probs instead of a pass (``engine_exact``).
 
         A sequence absent from the dict takes the detached value of its own forward. With ``recompute`` that
         is exact for the first mini-batch (no optimizer step has happened yet, so the current parameters are
@@ -348,14 +348,14 @@ class Trainer:
         of each version, then empty passes up to the rank with the most micro-batches of that version (a
         forward is a collective of the sharded model)."""
         mode, rank = self.settings.loss.proximal, self.world.rank
-        self._reused = 0
         if mode == "behaviour":
-            return {i: batch.behaviour[i] for plan in plans for micro in plan[rank] for i in micro}, 0
+            return {i: batch.behaviour[i] for plan in plans for micro in plan[rank] for i in micro}, 0, 0
         # version: the engine's log-probs of a sample it computed with the learner's numerics from one weight
         # version are that version's log-probs (to float rounding): no pass needed (build_batch, engine_exact)
         exact = batch.engine_exact if mode == "version" and self.numerics is not None else None
         by_rank: list[dict[int, list[int]]] = [{} for _ in range(self.world.size)]
         out: dict[int, Tensor] = {}
+        reused = 0
         for m, plan in enumerate(plans):
             for r, micros in enumerate(plan):
                 for i in (i for micro in micros for i in micro):
@@ -364,7 +364,7 @@ class Trainer:
                         continue
                     if exact is not None and bool(exact[i]):
                         out[i] = batch.behaviour[i]
-                        self._reused += 1
+                        reused += 1
                         continue
                     by_rank[r].setdefault(self.version - k, []).append(i)
         missing = 0
@@ -385,7 +385,7 @@ class Trainer:
                 for _ in range(max(len(m) for m in micros) - len(micros[rank])):
                     self._empty_pass(with_grad=False)
         sharded.reshard(self.model)
-        return out, missing
+        return out, missing, reused
 
     def _micro_step(
         self,

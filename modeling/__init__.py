@@ -29,8 +29,8 @@ __all__ = [
     "find_smollm2_gguf",
     "has_chat_template",
     "load_model",
-    "numerics_id",
     "load_tokenizer",
+    "numerics_id",
     "render_prompt",
     "resolve_model_dir",
 ]

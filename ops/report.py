@@ -91,9 +91,8 @@ def plot_runs(run_dirs: list[Path], out: Path, x_key: str = "step", labels: list
                 for j, bkey in enumerate(bucket_keys(rows, key)):
                     bx, by = _series(rows, bkey, x_key)
                     blabel = f"{label} {bkey.rpartition('/')[2]}"
-                    if len(bx) * 2 < len(
-                        rows
-                    ):  # a bucket seen in few steps: its points, not a line across gaps
+                    # a bucket seen in few steps: its points, not a line across the gaps between them
+                    if len(bx) * 2 < len(rows):
                         ax.plot(bx, by, color=f"C{i}", ls="none", marker="x", ms=4, label=blabel)
                         continue
                     ax.plot(

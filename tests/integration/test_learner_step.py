@@ -185,7 +185,7 @@ def test_first_minibatch_takes_its_proximal_values_from_its_own_forward(tiny_mod
         def _proximal(self, batch, plans):
             mine = sorted(i for plan in plans for micro in plan[self.world.rank] for i in micro)
             lps = token_logprobs(self.model, batch.sequences(mine), batch.temperatures[mine].tolist())
-            return dict(zip(mine, lps, strict=True)), 0
+            return dict(zip(mine, lps, strict=True)), 0, 0
 
     torch.manual_seed(0)
     batch = build_batch(hand_groups(load_model(tiny_model_dir), n_groups=4))
